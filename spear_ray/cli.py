@@ -1,0 +1,62 @@
+"""The `spear-ray` command line.
+
+    spear-ray config show NAME|FILE [dotted.key=value ...]   print the fully resolved config
+    spear-ray config check FILE [dotted.key=value ...]       validate a config, print "ok"
+    spear-ray config presets                                 list the shipped presets
+
+Bad input exits with status 2 and one line naming the file, YAML line, override or field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from spear_ray.config import ConfigError, config_to_yaml, load_config, preset_names
+
+EXIT_BAD_INPUT = 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spear-ray", description="SPEAR self-imitation RL for LLM agents, on Ray."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="show, check or list configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_commands.add_parser("show", help="print the resolved YAML of a preset or file")
+    show.add_argument("source", help="a preset name (see `config presets`) or a YAML file")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.sil.coef=0.5")
+    check = config_commands.add_parser("check", help="validate a preset or file; prints ok")
+    check.add_argument("source", help="a preset name or a YAML file")
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.total_steps=10")
+    config_commands.add_parser("presets", help="list the presets shipped with spear-ray")
+    return parser
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    if args.config_command == "presets":
+        print("\n".join(preset_names()))
+        return 0
+    config = load_config(args.source, args.overrides)
+    if args.config_command == "show":
+        sys.stdout.write(config_to_yaml(config))
+    else:
+        print(f"ok: {args.source} is a valid spear-ray config")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            return _config_command(args)
+    except ConfigError as err:
+        print(f"spear-ray: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
