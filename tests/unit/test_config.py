@@ -252,3 +252,29 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "rollout.temperature" in lines[0] and f"{path}:2" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_config_literals_match_the_algo_registries():
+    """A variant the config accepts must exist in spear_ray.algo, and vice versa."""
+    from typing import get_args
+
+    from spear_ray import algo
+    from spear_ray.config.schema import (
+        AdvantageConfig,
+        BufferConfig,
+        CovConfig,
+        PolicyLossConfig,
+        SilConfig,
+        ToolRewardConfig,
+    )
+
+    def literal(model, name):
+        return set(get_args(model.model_fields[name].annotation))
+
+    assert literal(AdvantageConfig, "estimator") == set(algo.ADVANTAGE_ESTIMATORS)
+    assert literal(PolicyLossConfig, "aggregation") == set(algo.LOSS_AGGREGATIONS)
+    assert literal(CovConfig, "mode") == set(algo.COV_MODES)
+    assert literal(ToolRewardConfig, "schedule") == set(algo.TOOL_REWARD_SCHEDULES)
+    assert literal(ToolRewardConfig, "combine") == set(algo.TOOL_REWARD_COMBINATIONS)
+    assert literal(SilConfig, "schedule") == set(algo.SIL_WEIGHT_SCHEDULES)
+    assert literal(BufferConfig, "recalibration") == set(algo.RECALIBRATIONS)
