@@ -19,6 +19,22 @@ pip_install() {  # quiet pip; on failure show its output (minus local-index nois
   rm -f "$log"
 }
 
+# System packages: bubblewrap (the sandbox's namespaces), libseccomp (its syscall filter), gcc
+# (jericho, a textworld dependency, compiles from source).
+missing=()
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+ldconfig -p | grep -q "libseccomp.so.2" || missing+=(libseccomp2)
+command -v gcc >/dev/null || missing+=(gcc)
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "[setup] installing system packages: ${missing[*]}"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "[setup] FAILED: missing system packages: ${missing[*]}; install them (e.g. sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
 PY="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
   echo "[setup] creating .venv with $($PY --version)"
@@ -28,6 +44,10 @@ echo "[setup] installing the CPU torch wheel (torch==2.13.0)"
 pip_install torch==2.13.0
 echo "[setup] installing spear-ray[$extras] (ray, deepspeed, transformers, ...)"
 pip_install -e ".[$extras]"
+# textworld 1.7.0's WHEEL file has an empty line before its "Tag:" line, so pip check reads no
+# tags and says "not supported on this platform". Repair the header (same tags, nothing else
+# changes) so pip check judges the real dependencies.
+.venv/bin/python scripts/repair_wheel_metadata.py textworld
 .venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check >&2; exit 1; }
 .venv/bin/python -c "import torch, ray, deepspeed, transformers, pydantic, spear_ray" 2>/dev/null \
   || { echo "[setup] FAILED: the installed packages do not import" >&2; exit 1; }

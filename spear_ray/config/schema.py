@@ -69,7 +69,6 @@ class RolloutConfig(Section):
     eval_temperature: float = Field(
         0.4, ge=0.0, description="Sampling temperature for evaluation (0 = greedy)."
     )
-    max_turns: int = Field(50, ge=1, description="Maximum agent turns (env steps) per trajectory.")
     max_tokens_per_turn: int = Field(
         512, ge=1, description="Maximum tokens the model may generate in one turn."
     )
@@ -86,11 +85,6 @@ class RolloutConfig(Section):
         0,
         description="0 = strictly on-policy; 1 = the next step's rollout overlaps this update "
         "(staleness of one weight version, logged).",
-    )
-    tool_call_format: Literal["code_block", "hermes_json"] = Field(
-        "code_block",
-        description="How tool calls are written: a fenced code block, or a Qwen/Hermes JSON "
-        "<tool_call>.",
     )
     trajectory_timeout_s: float = Field(
         600.0,
@@ -141,7 +135,9 @@ class EnvConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check_name_and_options(self) -> EnvConfig:
+    def _resolve_options(self) -> EnvConfig:
+        """Check the name, validate `options` against the env's own model and store them with
+        every default filled in, so `config show` prints the env's full options."""
         from spear_ray.envs.registry import known_envs, validate_env_options
 
         if self.name not in known_envs():
@@ -149,7 +145,7 @@ class EnvConfig(Section):
                 f"env.name: unknown env {self.name!r}; known envs: {', '.join(known_envs())}"
             )
         try:
-            validate_env_options(self.name, self.options)
+            resolved = validate_env_options(self.name, self.options)
         except ValidationError as err:
             first = err.errors()[0]
             field = ".".join(str(part) for part in first["loc"])
@@ -157,6 +153,8 @@ class EnvConfig(Section):
                 f"env.options.{field}: {first['msg']} (options of env {self.name!r}: "
                 f"{', '.join(sorted(env_option_fields(self.name)))})"
             ) from None
+        # Frozen model: this is the one place a validated value replaces the raw input.
+        object.__setattr__(self, "options", resolved.model_dump(mode="json"))
         return self
 
 

@@ -26,7 +26,8 @@ class EnvInfo:
 
     success: bool = False
     invalid_action: bool = False
-    # True when the step ran a tool (e.g. the Python interpreter); counts toward r_tc.
+    # True when the step counts toward the tool-call reward r_tc (SPEAR.md §6): a run of the
+    # Python interpreter in python_math; every valid env step in the agent envs.
     tool_call: bool = False
     # Anchor state for GiGPO: identical observations within a group share this key.
     anchor: str | None = None

@@ -50,9 +50,10 @@ def test_presets_carry_the_released_settings():
     assert tw.buffer.tolerate_steps == 5
     math = load_config("math-code-32b")
     assert (math.rollout.prompts_per_step, math.rollout.samples_per_prompt) == (128, 16)
-    assert math.rollout.max_turns == 8 and math.rollout.max_response_tokens == 16384
+    assert math.env.options["max_turns"] == 8 and math.rollout.max_response_tokens == 16384
+    assert tw.env.options["max_turns"] == 50
     assert math.algo.sil.ramp_steps == 300 and math.algo.tool_reward.combine == "qwen3"
-    assert math.sandbox.timeout_s == 30
+    assert math.env.options["tool_timeout_s"] == 30
     assert math.buffer.require_tool_call and math.buffer.strict_positive
 
 

@@ -1,0 +1,212 @@
+"""FrozenLake rendered as text (the RAGEN setting): walk from the start to the goal, avoiding holes.
+
+Maps are generated from the seed: each cell is a hole with probability `hole_prob`, start and goal
+are random distinct cells (or the two corners), and a map is kept only if BFS finds a path from
+start to goal of at least `min_solution_moves` moves, so every level is solvable. With
+`slip_prob` > 0 a move goes sideways with that probability (half each way), drawn from an RNG
+seeded by the episode seed, so a seed and an action sequence always give the same episode.
+
+Symbols: _ frozen, O hole, G goal, P you, X you in a hole, √ you on the goal.
+Actions: Up, Down, Left, Right (case-insensitive; U/D/L/R also accepted). Walking off the edge
+is a valid move that changes nothing. Reward: `goal_reward` on reaching the goal, else 0;
+falling into a hole ends the episode without success.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from pydantic import Field, model_validator
+
+from spear_ray.envs.actions import TurnOptions, extract_action, format_hint
+from spear_ray.envs.base import EnvError, EnvInfo, StepResult
+
+ENV_NAME = "frozenlake"
+DESCRIPTION = "FrozenLake grid walk as text; seeded solvable maps, optional slipping; goal = +1."
+
+Pos = tuple[int, int]
+MOVES: dict[str, Pos] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+ALIASES = {"u": "up", "d": "down", "l": "left", "r": "right"}
+_SIDEWAYS = {
+    "up": ("left", "right"),
+    "down": ("left", "right"),
+    "left": ("up", "down"),
+    "right": ("up", "down"),
+}
+
+
+class FrozenLakeOptions(TurnOptions):
+    max_turns: int = Field(20, ge=1, description="Episode ends (truncated) after this many turns.")
+    size: int = Field(4, ge=2, le=32, description="Map height and width in cells.")
+    hole_prob: float = Field(
+        0.2, ge=0.0, le=0.8, description="Chance that a cell is a hole (map difficulty)."
+    )
+    fixed_corners: bool = Field(
+        False, description="Start top-left and goal bottom-right (gymnasium's layout)."
+    )
+    min_solution_moves: int = Field(
+        3, ge=0, description="Reject maps whose shortest path is shorter than this many moves."
+    )
+    slip_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="Chance a move goes sideways (gymnasium slippery = 2/3)."
+    )
+    goal_reward: float = Field(1.0, description="Reward on reaching the goal.")
+
+    @model_validator(mode="after")
+    def _path_fits(self) -> FrozenLakeOptions:
+        if self.min_solution_moves > 2 * (self.size - 1):
+            raise ValueError(
+                f"frozenlake min_solution_moves={self.min_solution_moves} exceeds the longest"
+                f" corner-to-corner path of a {self.size}x{self.size} map: lower it or raise size"
+            )
+        return self
+
+
+OPTIONS_MODEL = FrozenLakeOptions
+
+
+def shortest_path(size: int, holes: frozenset[Pos], start: Pos, goal: Pos) -> list[str] | None:
+    """The moves of a shortest hole-free path from start to goal (BFS), or None."""
+    parent: dict[Pos, tuple[Pos, str] | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        p = queue.popleft()
+        if p == goal:
+            path = []
+            while parent[p] is not None:
+                p, move = parent[p]
+                path.append(move)
+            return path[::-1]
+        for move, (dr, dc) in MOVES.items():
+            q = (p[0] + dr, p[1] + dc)
+            if 0 <= q[0] < size and 0 <= q[1] < size and q not in holes and q not in parent:
+                parent[q] = (p, move)
+                queue.append(q)
+    return None
+
+
+def generate_map(
+    seed: int, size: int, hole_prob: float, fixed_corners: bool, min_solution_moves: int = 0
+) -> tuple[frozenset[Pos], Pos, Pos]:
+    """(holes, start, goal) from `seed`, with a guaranteed path from start to goal."""
+    rng = random.Random(f"frozenlake:{seed}:{size}:{hole_prob}:{fixed_corners}")
+    min_moves = min(min_solution_moves, 2 * (size - 1))
+    cells = [(r, c) for r in range(size) for c in range(size)]
+    for _ in range(10_000):
+        if fixed_corners:
+            start, goal = (0, 0), (size - 1, size - 1)
+        else:
+            start, goal = rng.sample(cells, 2)
+        holes = frozenset(p for p in cells if p not in (start, goal) and rng.random() < hole_prob)
+        path = shortest_path(size, holes, start, goal)
+        if path is not None and len(path) >= min_moves:
+            return holes, start, goal
+    raise EnvError(f"frozenlake: no solvable map for seed {seed} (size {size}, p={hole_prob})")
+
+
+def parse_move(action: str | None) -> str | None:
+    if not action:
+        return None
+    word = action.strip().strip(".").lower()
+    word = ALIASES.get(word, word)
+    return word if word in MOVES else None
+
+
+class FrozenLakeEnv:
+    """FrozenLake as a multi-turn text env; `reset(seed)` picks the map."""
+
+    def __init__(self, options: FrozenLakeOptions | None = None):
+        self.options = options or FrozenLakeOptions()
+        self.holes: frozenset[Pos] = frozenset()
+        self.start: Pos = (0, 0)
+        self.goal: Pos = (0, 0)
+        self.player: Pos = (0, 0)
+        self.turns = 0
+        self.done = True
+        self._rng = random.Random(0)
+
+    def render(self) -> str:
+        n = self.options.size
+        rows = []
+        for r in range(n):
+            row = []
+            for c in range(n):
+                p = (r, c)
+                if p == self.player:
+                    ch = "X" if p in self.holes else ("√" if p == self.goal else "P")
+                elif p in self.holes:
+                    ch = "O"
+                elif p == self.goal:
+                    ch = "G"
+                else:
+                    ch = "_"
+                row.append(ch)
+            rows.append("".join(row))
+        return "\n".join(rows)
+
+    def instructions(self) -> str:
+        o = self.options
+        slip = " The ice is slippery: a move may go sideways." if o.slip_prob > 0 else ""
+        return (
+            "You are playing FrozenLake. Walk to the goal G without falling into a hole O.\n"
+            "Symbols: _ frozen, O hole, G goal, P you, X you in a hole, √ you on the goal.\n"
+            f"Moves: Up, Down, Left, Right.{slip} {format_hint(o.action_tag)}"
+            f" You have {o.max_turns} turns."
+        )
+
+    def reset(self, seed: int) -> str:
+        o = self.options
+        self.holes, self.start, self.goal = generate_map(
+            seed, o.size, o.hole_prob, o.fixed_corners, o.min_solution_moves
+        )
+        self.player = self.start
+        self.turns = 0
+        self.done = False
+        self._rng = random.Random(f"frozenlake-slip:{seed}")
+        grid = self.render()
+        return f"{self.instructions()}\n\n{grid}" if o.include_instructions else grid
+
+    def step(self, action_text: str) -> StepResult:
+        if self.done:
+            raise EnvError("frozenlake: step() called before reset() or after the episode ended")
+        o = self.options
+        self.turns += 1
+        action = extract_action(action_text, o.action_tag, o.action_fallback)
+        move = parse_move(action)
+        if move is not None:
+            if o.slip_prob > 0 and self._rng.random() < o.slip_prob:
+                move = self._rng.choice(_SIDEWAYS[move])
+            dr, dc = MOVES[move]
+            r, c = self.player[0] + dr, self.player[1] + dc
+            if 0 <= r < o.size and 0 <= c < o.size:
+                self.player = (r, c)
+        success = self.player == self.goal
+        fell = self.player in self.holes
+        truncated = not (success or fell) and self.turns >= o.max_turns
+        self.done = success or fell or truncated
+        grid = self.render()
+        obs = grid
+        if move is None:
+            obs = (
+                f"Invalid action {action!r}: expected one of Up, Down, Left, Right inside"
+                f" <{o.action_tag}></{o.action_tag}>.\n{grid}"
+            )
+        elif fell:
+            obs = f"You fell into a hole.\n{grid}"
+        info = EnvInfo(
+            success=success,
+            invalid_action=move is None,
+            tool_call=move is not None,  # agent envs: every valid env step counts toward r_tc
+            anchor=grid,
+            truncated=truncated,
+            extra={"turn": self.turns, "action": action, "fell": fell},
+        )
+        return StepResult(obs, o.goal_reward if success else 0.0, self.done, info)
+
+    def close(self) -> None:
+        self.done = True
+
+
+def make(options: FrozenLakeOptions) -> FrozenLakeEnv:
+    return FrozenLakeEnv(options)

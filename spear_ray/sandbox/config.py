@@ -1,0 +1,75 @@
+"""Configuration of the Python sandbox (the `sandbox` section of the project config).
+
+Imports nothing from spear_ray, so the top-level config can include it without cycles.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SandboxConfig(BaseModel):
+    """Limits and isolation of the per-node fork-server that runs model-written Python."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    isolation: Literal["bwrap", "none"] = Field(
+        "bwrap",
+        description="'bwrap': bubblewrap + per-call uid + seccomp; 'none': trusted debugging only",
+    )
+    timeout_s: float = Field(
+        30.0, gt=0, description="wall-clock limit of one call; the whole process group is killed"
+    )
+    cpu_seconds: int = Field(30, gt=0, description="RLIMIT_CPU of each process a call starts")
+    memory_mb: int = Field(1024, gt=0, description="RLIMIT_AS (address space) of each process, MiB")
+    max_open_files: int = Field(256, ge=16, description="RLIMIT_NOFILE of each process")
+    max_file_size_mb: int = Field(
+        64, ge=0, description="RLIMIT_FSIZE: largest file a call may write, MiB"
+    )
+    max_processes: int = Field(
+        64, ge=1, description="RLIMIT_NPROC: processes+threads one call may have (per-call uid)"
+    )
+    max_output_bytes: int = Field(
+        65536, ge=0, description="bytes of stdout and of stderr kept per call; the rest is dropped"
+    )
+    output_kill_bytes: int = Field(
+        16 * 2**20, gt=0, description="a call writing more than this to stdout+stderr is killed"
+    )
+    max_concurrent: int = Field(
+        32, ge=1, description="calls executing at once on the server; more wait in its queue"
+    )
+    tmp_size_mb: int = Field(
+        1024, gt=0, description="size of the sandbox's private /tmp and /dev/shm (all scratch dirs)"
+    )
+    uid_base: int = Field(
+        1_900_000_000,
+        gt=0,
+        description="calls run as uid/gid uid_base+slot (one per concurrent slot) as root",
+    )
+    python: str = Field(
+        "", description="Python interpreter inside the sandbox; '' = the one running spear-ray"
+    )
+    preload_modules: tuple[str, ...] = Field(
+        ("math", "numpy", "sympy"),
+        description="imported by the server before it forks (if installed), so calls start warm",
+    )
+    hugepages: bool = Field(
+        True, description="back the warmed-up server heap with 2 MiB pages: cheaper forks"
+    )
+    bwrap_path: str = Field("bwrap", description="bubblewrap executable (name on PATH or a path)")
+    hide_paths: tuple[str, ...] = Field(
+        ("/home", "/root", "/work", "/run", "/mnt", "/media", "/srv"),
+        description="host dirs replaced by empty tmpfs (the project root and the interpreter's "
+        "prefix are handled automatically)",
+    )
+    expose_paths: tuple[str, ...] = Field(
+        (), description="host paths made visible read-only even if under a hidden dir"
+    )
+    start_timeout_s: float = Field(
+        120.0, gt=0, description="how long the server may take to start and pre-import modules"
+    )
+    reply_grace_s: float = Field(
+        10.0, gt=0, description="extra wait past a call's timeout before the server counts as hung"
+    )
