@@ -54,6 +54,9 @@ class TextEnv(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: `stop_strings` (tuple of str), where generation should stop because the turn is
+    # complete (e.g. "</action>", "</code>"). The agent loop reads it with getattr(..., ()).
+
 
 class EnvError(RuntimeError):
     """Raised by an environment when its own machinery fails (not the agent's fault)."""

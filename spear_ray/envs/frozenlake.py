@@ -116,6 +116,11 @@ def parse_move(action: str | None) -> str | None:
 class FrozenLakeEnv:
     """FrozenLake as a multi-turn text env; `reset(seed)` picks the map."""
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Generation stops right after the closing action tag (the turn is complete)."""
+        return (f"</{self.options.action_tag}>",)
+
     def __init__(self, options: FrozenLakeOptions | None = None):
         self.options = options or FrozenLakeOptions()
         self.holes: frozenset[Pos] = frozenset()

@@ -103,6 +103,11 @@ def build_gym_env(o: GymOptions) -> Any:
 class GymTextEnv:
     """Wraps one gymnasium.Env; `reset(seed)` calls `env.reset(seed=seed)`."""
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Generation stops right after the closing action tag (the turn is complete)."""
+        return (f"</{self.options.action_tag}>",)
+
     def __init__(self, options: GymOptions, env: Any | None = None):
         self.options = options
         self.env = env if env is not None else build_gym_env(options)

@@ -218,6 +218,15 @@ def format_result(result: ExecResult, timeout_s: float, limit: int) -> str:
 
 
 class PythonMathEnv:
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Generation stops right after a closed tool call, so the tool can run. (A ```python
+        fence closes with the same ``` that opens it, so fence syntax has no stop string.)"""
+        o = self.options
+        return {"tag": (f"</{o.code_tag}>",), "hermes_json": ("</tool_call>",)}.get(
+            o.tool_call_syntax, ()
+        )
+
     def __init__(self, options: PythonMathOptions, sandbox: PythonSandbox):
         if not callable(getattr(sandbox, "run_python", None)):
             raise TypeError("python_math needs a sandbox object with run_python(code, timeout_s)")

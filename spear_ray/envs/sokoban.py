@@ -224,6 +224,11 @@ def parse_moves(action: str | None, max_actions: int) -> list[str] | None:
 class SokobanEnv:
     """Sokoban as a multi-turn text env; `reset(seed)` picks the level."""
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Generation stops right after the closing action tag (the turn is complete)."""
+        return (f"</{self.options.action_tag}>",)
+
     def __init__(self, options: SokobanOptions | None = None):
         self.options = options or SokobanOptions()
         self.level: Level | None = None

@@ -249,6 +249,11 @@ def clean_feedback(text: str) -> str:
 class TextWorldEnv:
     """A TextWorld cooking game as a multi-turn text env."""
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Generation stops right after the closing action tag (the turn is complete)."""
+        return (f"</{self.options.action_tag}>",)
+
     def __init__(self, options: TextWorldOptions | None = None, eval_seed_start: int = 1_000_000):
         self.options = options or TextWorldOptions()
         # The config's env.eval_seed_start (one source of truth), passed in by make_env's caller.

@@ -1,0 +1,200 @@
+"""RolloutWorker: one generation engine, its environments and the agent loop.
+
+A plain class (testable without Ray); `actors.rollout_group.spawn_rollout_worker` applies
+`ray.remote` with the resources of the config. Its methods are async, so a Ray actor runs many
+`rollout_group` calls at once on one event loop and the engine batches all their generations.
+
+    worker = RolloutWorker(config, worker_index=0)
+    trajectories = await worker.rollout(tasks=[Task(...)], weight_version=0)
+    await worker.update_weights(named_tensors=..., version=1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from spear_ray.agent.chat import ChatFormat
+from spear_ray.agent.loop import EpisodeSettings, Task, run_episode
+from spear_ray.config import SpearConfig
+from spear_ray.containers import Trajectory
+from spear_ray.engines.base import Engine
+from spear_ray.envs.base import TextEnv
+from spear_ray.envs.registry import env_spec, make_env
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout asked for a weight version this worker does not have yet."""
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        config: SpearConfig,
+        worker_index: int = 0,
+        engine: Engine | None = None,
+        tokenizer: Any = None,
+    ):
+        self.config = config
+        self.worker_index = worker_index
+        model_dir, tokenizer_dir = _model_dirs(config)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.chat = ChatFormat(tokenizer, name=f"tokenizer {tokenizer_dir}")
+        self.engine = engine if engine is not None else _build_vllm_engine(config, model_dir)
+        self._sandbox = None
+        if "sandbox" in inspect.signature(env_spec(config.env.name).factory).parameters:
+            from spear_ray.sandbox import SandboxClient
+
+            self._sandbox = SandboxClient(config.sandbox)
+        # Env steps (sandbox calls, game engines) run here, off the event loop; sized so that
+        # every in-flight trajectory can be inside its env at once.
+        self._env_executor = ThreadPoolExecutor(
+            max_workers=max(8, config.rollout.samples_per_step), thread_name_prefix="env"
+        )
+        self._idle_envs: list[TextEnv] = []
+        self.trajectories_done = 0
+        self.failures = 0
+
+    # ------------------------------------------------------------------ envs
+
+    def _take_env(self) -> TextEnv:
+        if self._idle_envs:
+            return self._idle_envs.pop()
+        return make_env(
+            self.config.env.name,
+            self.config.env.options,
+            sandbox=self._sandbox,
+            eval_seed_start=self.config.env.eval_seed_start,
+        )
+
+    def _give_back_env(self, env: TextEnv, healthy: bool) -> None:
+        if healthy:
+            self._idle_envs.append(env)
+        else:  # a failed or timed-out env may still be running in its thread: never reuse it
+            with contextlib.suppress(Exception):  # closing a broken env must not fail a rollout
+                env.close()
+
+    # ------------------------------------------------------------------ rollout
+
+    def episode_settings(self, evaluation: bool = False) -> EpisodeSettings:
+        r = self.config.rollout
+        return EpisodeSettings(
+            max_tokens_per_turn=r.max_tokens_per_turn,
+            max_response_tokens=r.max_response_tokens,
+            max_prompt_tokens=r.max_prompt_tokens,
+            temperature=r.eval_temperature if evaluation else r.temperature,
+            top_p=1.0 if evaluation else r.top_p,
+            invalid_action_penalty=self.config.env.invalid_action_penalty,
+            trajectory_timeout_s=r.trajectory_timeout_s,
+            sampling_seed=self.config.run.seed,
+        )
+
+    async def _one(self, task: Task, sample_index: int, settings: EpisodeSettings) -> Trajectory:
+        env = self._take_env()
+        traj = await run_episode(
+            self.engine,
+            env,
+            self.chat,
+            settings,
+            task=task,
+            sample_index=sample_index,
+            env_executor=self._env_executor,
+        )
+        self._give_back_env(env, healthy=traj.failure is None)
+        self.trajectories_done += 1
+        self.failures += int(traj.failure is not None)
+        return traj
+
+    def _check_version(self, weight_version: int | None) -> None:
+        have = self.engine.weight_version
+        if weight_version is not None and have < weight_version:
+            raise StaleWeightsError(
+                f"rollout worker {self.worker_index} has weights v{have} but the rollout asked "
+                f"for v{weight_version}; send update_weights first"
+            )
+
+    async def rollout_group(
+        self, *, task: Task, weight_version: int | None = None, evaluation: bool = False
+    ) -> list[Trajectory]:
+        """The `task.num_samples` trajectories of one task (one group), played concurrently."""
+        self._check_version(weight_version)
+        settings = self.episode_settings(evaluation)
+        return list(
+            await asyncio.gather(*(self._one(task, k, settings) for k in range(task.num_samples)))
+        )
+
+    async def rollout(
+        self, *, tasks: list[Task], weight_version: int | None = None, evaluation: bool = False
+    ) -> list[Trajectory]:
+        """All groups of `tasks`, every trajectory advancing on its own."""
+        self._check_version(weight_version)
+        groups = await asyncio.gather(
+            *(self.rollout_group(task=t, evaluation=evaluation) for t in tasks)
+        )
+        return [traj for group in groups for traj in group]
+
+    # ------------------------------------------------------------------ weights and health
+
+    async def update_weights(
+        self, *, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> int:
+        """Load new weights in place (idempotent: an older or equal version is ignored)."""
+        if version <= self.engine.weight_version:
+            return self.engine.weight_version
+        await self.engine.update_weights(named_tensors, version)
+        return self.engine.weight_version
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "worker_index": self.worker_index,
+            "pid": os.getpid(),
+            "weight_version": self.engine.weight_version,
+            "trajectories_done": self.trajectories_done,
+            "failures": self.failures,
+            "idle_envs": len(self._idle_envs),
+            "time": time.time(),
+        }
+
+    def shutdown(self) -> None:
+        for env in self._idle_envs:
+            env.close()
+        self._idle_envs.clear()
+        self._env_executor.shutdown(wait=False, cancel_futures=True)
+        if self._sandbox is not None:
+            self._sandbox.close()
+        self.engine.shutdown()
+
+
+def _model_dirs(config: SpearConfig) -> tuple[str, str]:
+    from spear_ray.models import resolve_model_path
+
+    model_dir = str(resolve_model_path(config.model.path))
+    tokenizer = config.model.tokenizer_path
+    return model_dir, str(resolve_model_path(tokenizer)) if tokenizer else model_dir
+
+
+def _build_vllm_engine(config: SpearConfig, model_dir: str) -> Engine:
+    from spear_ray.engines.vllm_engine import VLLMEngine
+
+    r = config.rollout
+    return VLLMEngine(
+        model_dir,
+        tokenizer_path=config.model.tokenizer_path,
+        dtype=config.model.dtype,
+        seed=config.run.seed,
+        max_model_len=r.max_prompt_tokens + r.max_response_tokens,
+        cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        tensor_parallel_size=r.tensor_parallel_size,
+    )
