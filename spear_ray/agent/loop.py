@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from spear_ray.agent.chat import ChatFormat
+from spear_ray.algo.filters import is_unreadable
 from spear_ray.containers import RewardParts, Trajectory
 from spear_ray.engines.base import Engine, SamplingSpec
 from spear_ray.envs.base import StepResult, TextEnv
@@ -133,6 +134,8 @@ async def _play(
         ep.turn_spans.append((start, len(ep.token_ids)))
         ep.weight_versions.append(gen.weight_version)
         text = chat.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        if is_unreadable(text):  # Dr.BoT's unreadable filter reads this flag (SPEAR.md §2)
+            ep.extra["unreadable"] = True
         t0 = time.perf_counter()
         result: StepResult = await _call_env(executor, env.step, text)
         ep.timings["env_s"] += time.perf_counter() - t0
@@ -148,7 +151,7 @@ async def _play(
         if result.done:
             ep.finished = True
             ep.extra["ended_by"] = "truncated" if info.truncated else "done"
-            ep.extra.update(info.extra)
+            ep.extra = {**info.extra, **ep.extra}
             return
         between = chat.turn_close_ids(gen.token_ids) + chat.observation_ids(result.observation)
         if len(ep.token_ids) - ep.prompt_length + len(between) >= s.max_response_tokens:
