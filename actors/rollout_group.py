@@ -1,7 +1,8 @@
 """RolloutGroup: N RolloutWorker actors; spreads a step's tasks over them and streams groups back.
 
     group = RolloutGroup(config)                  # spawns config.rollout.num_workers actors
-    for trajectories in group.rollout_stream(tasks, weight_version=v):
+    pending = group.start(tasks, weight_version=v)   # returns at once
+    for trajectories in pending.stream():
         ...                                       # one finished group (G trajectories) at a time
     group.update_weights(weights_ref, version=v + 1)
 
@@ -39,6 +40,31 @@ def spawn_rollout_worker(config: SpearConfig, worker_index: int, **options: Any)
     return actor_cls.remote(config, worker_index)
 
 
+def _get(index: int, ref: ray.ObjectRef) -> Any:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as err:
+        raise RolloutWorkerError(
+            f"rollout worker {index} died: {str(err).splitlines()[0]}"
+        ) from err
+
+
+class PendingRollout:
+    """Groups in flight; `stream()` yields each group as soon as it is complete."""
+
+    def __init__(self, pending: dict[ray.ObjectRef, int]):
+        self._pending = dict(pending)
+
+    def stream(self) -> Iterator[list[Trajectory]]:
+        while self._pending:
+            done, _ = ray.wait(list(self._pending), num_returns=1)
+            for ref in done:
+                yield _get(self._pending.pop(ref), ref)
+
+    def all(self) -> list[Trajectory]:
+        return [traj for group in self.stream() for traj in group]
+
+
 class RolloutGroup:
     def __init__(self, config: SpearConfig, actor_options: dict[str, Any] | None = None):
         self.config = config
@@ -47,18 +73,10 @@ class RolloutGroup:
             for i in range(config.rollout.num_workers)
         ]
 
-    def _call(self, index: int, ref: ray.ObjectRef) -> Any:
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayActorError as err:
-            raise RolloutWorkerError(
-                f"rollout worker {index} died: {str(err).splitlines()[0]}"
-            ) from err
-
-    def rollout_stream(
+    def start(
         self, tasks: list[Task], *, weight_version: int | None = None, evaluation: bool = False
-    ) -> Iterator[list[Trajectory]]:
-        """Yield each task's group of trajectories as soon as it is complete."""
+    ) -> PendingRollout:
+        """Submit every task's group (round-robin over the workers) and return at once."""
         pending: dict[ray.ObjectRef, int] = {}
         for k, task in enumerate(tasks):
             index = k % len(self.workers)
@@ -66,21 +84,12 @@ class RolloutGroup:
                 task=task, weight_version=weight_version, evaluation=evaluation
             )
             pending[ref] = index
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                yield self._call(pending.pop(ref), ref)
+        return PendingRollout(pending)
 
     def rollout(
         self, tasks: list[Task], *, weight_version: int | None = None, evaluation: bool = False
     ) -> list[Trajectory]:
-        return [
-            traj
-            for group in self.rollout_stream(
-                tasks, weight_version=weight_version, evaluation=evaluation
-            )
-            for traj in group
-        ]
+        return self.start(tasks, weight_version=weight_version, evaluation=evaluation).all()
 
     def update_weights(self, named_tensors: Any, version: int) -> list[int]:
         """Load weights (a list of (name, tensor) or an ObjectRef to one) into every worker."""
@@ -88,10 +97,10 @@ class RolloutGroup:
             w.update_weights.remote(named_tensors=named_tensors, version=version)
             for w in self.workers
         ]
-        return [self._call(i, ref) for i, ref in enumerate(refs)]
+        return [_get(i, ref) for i, ref in enumerate(refs)]
 
     def health(self) -> list[dict[str, Any]]:
-        return [self._call(i, w.health.remote()) for i, w in enumerate(self.workers)]
+        return [_get(i, w.health.remote()) for i, w in enumerate(self.workers)]
 
     def shutdown(self) -> None:
         for worker in self.workers:

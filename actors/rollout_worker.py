@@ -51,7 +51,9 @@ class RolloutWorker:
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.chat = ChatFormat(tokenizer, name=f"tokenizer {tokenizer_dir}")
-        self.engine = engine if engine is not None else _build_vllm_engine(config, model_dir)
+        if engine is None:
+            engine = _build_vllm_engine(config, model_dir, tokenizer_dir)
+        self.engine = engine
         self._sandbox = None
         if "sandbox" in inspect.signature(env_spec(config.env.name).factory).parameters:
             from spear_ray.sandbox import SandboxClient
@@ -184,13 +186,13 @@ def _model_dirs(config: SpearConfig) -> tuple[str, str]:
     return model_dir, str(resolve_model_path(tokenizer)) if tokenizer else model_dir
 
 
-def _build_vllm_engine(config: SpearConfig, model_dir: str) -> Engine:
+def _build_vllm_engine(config: SpearConfig, model_dir: str, tokenizer_dir: str) -> Engine:
     from spear_ray.engines.vllm_engine import VLLMEngine
 
     r = config.rollout
     return VLLMEngine(
         model_dir,
-        tokenizer_path=config.model.tokenizer_path,
+        tokenizer_path=tokenizer_dir,
         dtype=config.model.dtype,
         seed=config.run.seed,
         max_model_len=r.max_prompt_tokens + r.max_response_tokens,

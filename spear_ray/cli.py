@@ -3,6 +3,8 @@
     spear-ray config show NAME|FILE [dotted.key=value ...]   print the fully resolved config
     spear-ray config check FILE [dotted.key=value ...]       validate a config, print "ok"
     spear-ray config presets                                 list the shipped presets
+    spear-ray train [--config NAME|FILE] [dotted.key=value ...] [--address ADDR]
+    spear-ray train --resume RUN_DIR                         continue a run from its checkpoint
 
 Bad input exits with status 2 and one line naming the file, YAML line, override or field.
 """
@@ -32,6 +34,21 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("source", help="a preset name or a YAML file")
     check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.total_steps=10")
     config_commands.add_parser("presets", help="list the presets shipped with spear-ray")
+
+    train = commands.add_parser("train", help="train with SPEAR on a local or remote Ray")
+    train.add_argument(
+        "--config", default=None, help="a preset name or a YAML file (default: the demo preset)"
+    )
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.total_steps=10")
+    train.add_argument(
+        "--address", default=None, help="Ray address to join (default: start a local Ray)"
+    )
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint",
+    )
     return parser
 
 
@@ -47,11 +64,21 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_command(args: argparse.Namespace) -> int:
+    from spear_ray.train import resolve_run, run_training
+
+    config, run, resume = resolve_run(args.config, args.overrides, args.resume)
+    run_training(config, run=run, resume=resume, address=args.address)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "config":
             return _config_command(args)
+        if args.command == "train":
+            return _train_command(args)
     except ConfigError as err:
         print(f"spear-ray: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,260 @@
+"""The driver of a training run: owns the actor groups and runs the SPEAR step.
+
+`Controller.step` reads like SPEAR.md §8, as named, timed phases:
+
+    rollout -> experience (score + tool bonus, Dr.BoT masks, group filter, advantages)
+    -> replay_batch -> logp_old -> update (on-policy) -> update (replay, weighted by w_SIL(t))
+    -> buffer (expire, admit, record baseline) -> sync_weights -> metrics
+
+With `rollout.async_steps: 1` the rollout of step t+1 is started before the update of step t,
+so it runs on weights one version old (staleness is measured per trajectory and logged).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+
+from actors.rollout_group import PendingRollout, RolloutGroup
+from buffers.actor import spawn_replay_buffer
+from buffers.replay_buffer import ReplayEntry, replay_train_batch
+from learners.learner_group import LearnerGroup
+from spear_ray.agent.loop import Task
+from spear_ray.algo import sil_weight
+from spear_ray.algo.curriculum import TOOL_REWARD_SCHEDULES
+from spear_ray.config import SpearConfig
+from spear_ray.containers import Trajectory
+from spear_ray.experience import process_step
+from spear_ray.run_dir import RunDir
+
+
+class Phases:
+    """Wall-clock seconds per named phase of one step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def tasks_for_step(config: SpearConfig, step: int) -> list[Task]:
+    """The step's prompts: a deterministic function of the step (so resuming needs no state)."""
+    n = config.rollout.prompts_per_step
+    first = config.env.train_seed_start + step * n
+    return [
+        Task(
+            f"s{step}-g{g}",
+            group_id=g,
+            env_seed=first + g,
+            num_samples=config.rollout.samples_per_prompt,
+        )
+        for g in range(n)
+    ]
+
+
+def eval_tasks(config: SpearConfig) -> list[Task]:
+    start = config.env.eval_seed_start
+    return [
+        Task(f"eval-{k}", group_id=k, env_seed=start + k, num_samples=1)
+        for k in range(config.env.eval_tasks)
+    ]
+
+
+class Controller:
+    def __init__(self, config: SpearConfig, run: RunDir, pad_token_id: int, log=print):
+        self.config = config
+        self.run = run
+        self.pad_token_id = pad_token_id
+        self.log = log
+        self.weight_version = 0
+        self.learners = LearnerGroup(config)
+        self.rollouts = RolloutGroup(config)
+        self.buffer = (
+            spawn_replay_buffer(config, run.buffer_dir) if config.algo.sil.enabled else None
+        )
+        self._pending: PendingRollout | None = None
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, t: int) -> dict[str, Any]:
+        cfg, phase = self.config, Phases()
+        ranks = cfg.learner.num_ranks
+        with phase("rollout"):
+            trajectories = self._collect_rollout(t)
+            if cfg.rollout.async_steps and t + 1 < cfg.run.total_steps:
+                self._pending = self._start_rollout(t + 1)  # overlaps this step's update
+        with phase("experience"):  # rewards + tool bonus, Dr.BoT masks, group filter, advantages
+            exp = process_step(trajectories, t, cfg.algo, cfg.rollout.max_response_tokens)
+            batch = exp.train_batch(self.pad_token_id)
+        with phase("replay_batch"):
+            replay_rows = None
+            if self.buffer is not None:
+                replay_rows = ray.get(self.buffer.replay_batch.remote(step=t, min_rows=ranks))
+        with phase("logp_old"):
+            if cfg.learner.logp_old == "recompute":
+                batch = self.learners.recompute_old_logprobs(batch)
+        with phase("update"):
+            on_policy = self.learners.update(batch=batch, step=t, phase="on_policy")
+        w_sil = sil_weight(
+            t,
+            total_steps=cfg.algo.sil.ramp_steps,
+            coef=cfg.algo.sil.coef,
+            schedule=cfg.algo.sil.schedule,
+        )
+        replay: dict[str, float] = {}
+        with phase("update_replay"):
+            if replay_rows:
+                replay_batch = replay_train_batch(replay_rows, self.pad_token_id)
+                replay = self.learners.update(
+                    batch=replay_batch, step=t, phase="replay", loss_weight=w_sil
+                )
+        with phase("buffer"):  # expire stale rows, admit positive-advantage rows, baseline
+            buffer_stats = {}
+            if self.buffer is not None:
+                entries = [
+                    ReplayEntry.from_trajectory(
+                        traj,
+                        batch.advantages[i, : len(traj.token_ids)],
+                        step=t,
+                        trainable=exp.train_mask[i],
+                    )
+                    for i, traj in enumerate(trajectories)
+                ]
+                buffer_stats = ray.get(
+                    self.buffer.end_step.remote(
+                        step=t,
+                        entries=entries,
+                        group_means=exp.group_means,
+                        group_stds=exp.group_stds,
+                    )
+                )
+        with phase("sync_weights"):
+            self.weight_version = t + 1
+            self.rollouts.update_weights(self.learners.publish_weights(), self.weight_version)
+        if not cfg.rollout.async_steps and t + 1 < cfg.run.total_steps:
+            self._pending = self._start_rollout(t + 1)
+        return step_metrics(
+            t,
+            trajectories,
+            exp.filter_counts,
+            on_policy,
+            replay,
+            buffer_stats,
+            w_sil,
+            self._tool_lambda(t),
+            self.weight_version,
+            phase.seconds,
+            num_replay_rows=len(replay_rows or []),
+        )
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _start_rollout(self, t: int) -> PendingRollout:
+        return self.rollouts.start(
+            tasks_for_step(self.config, t), weight_version=self.weight_version
+        )
+
+    def _collect_rollout(self, t: int) -> list[Trajectory]:
+        pending = self._pending if self._pending is not None else self._start_rollout(t)
+        self._pending = None
+        return pending.all()
+
+    def evaluate(self) -> dict[str, float]:
+        trajs = self.rollouts.start(
+            eval_tasks(self.config), weight_version=self.weight_version, evaluation=True
+        ).all()
+        valid = [t for t in trajs if t.is_valid]
+        return {
+            "eval/success_rate": sum(t.success for t in valid) / max(len(valid), 1),
+            "eval/task_reward": sum(t.rewards.task for t in valid) / max(len(valid), 1),
+            "eval/infra_failures": len(trajs) - len(valid),
+        }
+
+    def _tool_lambda(self, t: int) -> float:
+        tr = self.config.algo.tool_reward
+        return TOOL_REWARD_SCHEDULES[tr.schedule](t, tr.decay_steps) if tr.enabled else 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, step: int) -> None:
+        """Everything needed to continue after `step` (the next step to run is step + 1)."""
+        with self.run.checkpoint(step) as directory:
+            self.learners.save_checkpoint(directory=str(directory / "learner"), step=step)
+            if self.buffer is not None:
+                ray.get(self.buffer.save.remote(str(directory / "buffer.npz")))
+
+    def restore(self, directory) -> int:
+        """Load a checkpoint; the returned step is the last one it completed."""
+        step = self.learners.load_checkpoint(directory=str(directory / "learner"))
+        if self.buffer is not None and (directory / "buffer.npz").exists():
+            ray.get(self.buffer.load.remote(str(directory / "buffer.npz")))
+        self.weight_version = step + 1
+        self.rollouts.update_weights(self.learners.publish_weights(), self.weight_version)
+        return step
+
+    def shutdown(self) -> None:
+        self.rollouts.shutdown()
+        self.learners.shutdown()
+        if self.buffer is not None:
+            ray.kill(self.buffer)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def step_metrics(
+    t,
+    trajectories,
+    filter_counts,
+    on_policy,
+    replay,
+    buffer_stats,
+    w_sil,
+    lam,
+    version,
+    seconds,
+    num_replay_rows,
+) -> dict[str, Any]:
+    valid = [tr for tr in trajectories if tr.is_valid]
+    staleness = [version - 1 - tr.weight_version for tr in valid]
+    out: dict[str, Any] = {
+        "step": t,
+        "reward/mean": _mean([tr.rewards.total for tr in valid]),
+        "reward/task": _mean([tr.rewards.task for tr in valid]),
+        "reward/tool_bonus": _mean([tr.rewards.tool_bonus for tr in valid]),
+        "success_rate": _mean([float(tr.success) for tr in valid]),
+        "response_length": _mean([float(tr.response_length) for tr in valid]),
+        "tool_calls": _mean([float(tr.tool_calls) for tr in valid]),
+        "invalid_actions": _mean([float(tr.invalid_actions) for tr in valid]),
+        "infra_failures": len(trajectories) - len(valid),
+        "staleness/mean": _mean([float(s) for s in staleness]),
+        "staleness/max": max(staleness, default=0),
+        "spear/w_sil": w_sil,
+        "spear/lambda_tc": lam,
+        "spear/replay_rows": num_replay_rows,
+        "weight_version": version,
+    }
+    out.update({f"filter/{k}": v for k, v in filter_counts.items()})
+    out.update({f"update/{k}": v for k, v in on_policy.items()})
+    out.update({f"replay/{k}": v for k, v in replay.items()})
+    out.update(
+        {
+            f"buffer/{k}": v
+            for k, v in buffer_stats.items()
+            if isinstance(v, (int, float)) and v is not None
+        }
+    )
+    out.update({f"time/{k}": v for k, v in seconds.items()})
+    out["time/step"] = sum(seconds.values())
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
