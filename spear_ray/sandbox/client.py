@@ -33,7 +33,8 @@ from spear_ray.sandbox.result import ExecResult
 logger = logging.getLogger(__name__)
 
 _HDR = struct.Struct(">I")
-_SERVER_SOURCE = Path(__file__).with_name("server.py")
+_SERVER_SOURCE = Path(__file__).resolve().with_name("server.py")
+_SERVER_INSIDE = "/tmp/.spear-sandbox/server.py"
 # What the server keeps of root's powers inside bwrap: make and chown scratch dirs, drop to the
 # per-slot uid, kill a call's processes, and delete its files. The child drops all of them.
 _SERVER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE")
@@ -57,6 +58,12 @@ def _infra(message: str, t0: float) -> ExecResult:
         wall_s=time.monotonic() - t0,
         infra_error=message,
     )
+
+
+def _resolve(fut: concurrent.futures.Future, result: ExecResult) -> None:
+    """Set a call's result unless its caller gave up on it (a cancelled arun_python)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        fut.set_result(result)
 
 
 def _to_result(msg: dict) -> ExecResult:
@@ -109,10 +116,9 @@ class _ServerProcess:
     thread that keeps the tail of its stderr. The process is spawned from the reader thread,
     which lives as long as the server, because bwrap's --die-with-parent follows the thread."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], max_concurrent: int):
+    def __init__(self, argv: list[str], env: dict[str, str]):
         self._argv = argv
         self._env = env
-        self._max_concurrent = max_concurrent
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[concurrent.futures.Future, float]] = {}
         self._death: str | None = None
@@ -158,7 +164,7 @@ class _ServerProcess:
                 with self._lock:
                     entry = self._pending.pop(msg["id"], None)
                 if entry is not None:
-                    entry[0].set_result(_to_result(msg))
+                    _resolve(entry[0], _to_result(msg))
         except Exception as e:  # a broken frame is as fatal as a dead server
             reason = f"sandbox protocol error: {type(e).__name__}: {e}"
         finally:
@@ -209,8 +215,7 @@ class _ServerProcess:
             self._death = self._death or f"{reason}{detail}{tail}"
             pending, self._pending = self._pending, {}
         for fut, t0 in pending.values():
-            if not fut.done():
-                fut.set_result(_infra(self._death, t0))
+            _resolve(fut, _infra(self._death, t0))
         self.ready.set()
 
     # -------------------------------------------------------------------------- calls
@@ -389,7 +394,7 @@ class SandboxClient:
                 self.restarts += 1
                 logger.warning("sandbox server died (%s); starting a new one", srv._death)
             argv, env = self._command()
-            srv = _ServerProcess(argv, env, self.config.max_concurrent)
+            srv = _ServerProcess(argv, env)
             if not srv.ready.wait(self.config.start_timeout_s):
                 srv.kill("start timeout")
                 raise SandboxUnavailableError(
@@ -418,6 +423,7 @@ class SandboxClient:
             "seccomp": bwrap,
             "uid_base": cfg.uid_base,
             "max_concurrent": cfg.max_concurrent,
+            "warm_children": cfg.warm_children,
             "cpu_seconds": cfg.cpu_seconds,
             "memory_bytes": cfg.memory_mb * 2**20,
             "max_open_files": cfg.max_open_files,
@@ -437,9 +443,9 @@ class SandboxClient:
             if self._scratch_tmp is None:
                 self._scratch_tmp = tempfile.mkdtemp(prefix="spear-sandbox-")
             opts["scratch_root"] = os.path.join(self._scratch_tmp, f"run{self.restarts}")
-        server_argv = [python, "-E", "-s", "-B", "-c", _SERVER_SOURCE.read_text(), json.dumps(opts)]
         if not bwrap:
-            return server_argv, env
+            return [python, "-E", "-s", "-B", str(_SERVER_SOURCE), json.dumps(opts)], env
+        server_argv = [python, "-E", "-s", "-B", _SERVER_INSIDE, json.dumps(opts)]
 
         bwrap_exe = shutil.which(cfg.bwrap_path)
         if bwrap_exe is None:
@@ -456,13 +462,14 @@ class SandboxClient:
         project = _project_root()
         if project is not None and not any(_under(project, h) for h in hidden):
             hidden.append(project)
+        masked = ["/tmp", "/dev/shm", *hidden]  # host dirs the sandbox replaces with a tmpfs
         try:
             prefixes, sys_path = _interpreter_paths(python)
         except (OSError, subprocess.SubprocessError) as e:
             raise SandboxUnavailableError(f"sandbox: cannot run python {python!r}: {e}") from e
         exposed: list[str] = []
         for p in sorted({*prefixes, *sys_path, *cfg.expose_paths}, key=len):
-            if not os.path.exists(p) or not any(_under(p, h) for h in hidden):
+            if not os.path.exists(p) or not any(_under(p, h) for h in masked):
                 continue  # visible anyway
             if any(_under(p, q) for q in exposed):
                 continue  # already visible through a parent
@@ -483,13 +490,14 @@ class SandboxClient:
         made: set[str] = set()
         for p in exposed:
             # bwrap would create the missing parents (e.g. /root/.pyenv) as 0700 root dirs
-            top = next(h for h in hidden if _under(p, h))
+            top = next(h for h in masked if _under(p, h))
             for parent in reversed(Path(p).parents):
                 d = str(parent)
                 if _under(d, top) and d != top and d not in made:
                     argv += ["--perms", "0755", "--dir", d]
                     made.add(d)
             argv += ["--ro-bind", p, p]
+        argv += ["--ro-bind", str(_SERVER_SOURCE), _SERVER_INSIDE]  # just this one file
         if as_root:
             argv += ["--cap-drop", "ALL"]
             for cap in _SERVER_CAPS:

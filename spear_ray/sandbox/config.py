@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SandboxConfig(BaseModel):
@@ -39,6 +39,9 @@ class SandboxConfig(BaseModel):
     )
     max_concurrent: int = Field(
         32, ge=1, description="calls executing at once on the server; more wait in its queue"
+    )
+    warm_children: int = Field(
+        2, ge=0, description="processes forked and locked down ahead of calls (hides fork latency)"
     )
     tmp_size_mb: int = Field(
         1024, gt=0, description="size of the sandbox's private /tmp and /dev/shm (all scratch dirs)"
@@ -73,3 +76,17 @@ class SandboxConfig(BaseModel):
     reply_grace_s: float = Field(
         10.0, gt=0, description="extra wait past a call's timeout before the server counts as hung"
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> SandboxConfig:
+        if self.warm_children > self.max_concurrent:
+            raise ValueError(
+                f"sandbox.warm_children ({self.warm_children}) exceeds sandbox.max_concurrent "
+                f"({self.max_concurrent}): lower warm_children or raise max_concurrent"
+            )
+        if self.uid_base + self.max_concurrent > 2**32 - 2:
+            raise ValueError(
+                f"sandbox.uid_base ({self.uid_base}) + max_concurrent must stay below 2**32 - 1: "
+                "lower uid_base"
+            )
+        return self

@@ -1,14 +1,15 @@
 """Fork-server that runs model-written Python snippets; one per node, inside bubblewrap.
 
-The client (client.py) starts it as `python -E -s -c <this file's source> <options JSON>`, inside
-bwrap unless `sandbox.isolation: none`. It imports nothing from spear_ray (the project tree is not
-visible inside the sandbox) and only the standard library plus PyPI `pyseccomp`.
+The client (client.py) starts it as `python -E -s -B server.py <options JSON>`, inside bwrap
+(which sees this one file, read-only, at /tmp/.spear-sandbox/server.py) unless
+`sandbox.isolation: none`. It imports nothing from spear_ray (the project tree is not visible
+inside the sandbox): only the standard library and PyPI `pyseccomp`.
 
 Wire protocol, over the server's stdin (requests) and stdout (replies):
   every message is one frame: a 4-byte big-endian unsigned length N, then N bytes of UTF-8 JSON.
   server -> client, once, first:
-      {"ready": true, "pid": int, "uid_isolation": bool, "seccomp": bool, "preloaded": [str],
-       "hugepages_mb": int}
+      {"ready": true, "pid": int, "zygote_pid": int, "uid_isolation": bool, "seccomp": bool,
+       "preloaded": [str], "hugepages_mb": int}   (pids as seen inside the sandbox)
    or {"fatal": "<one-line reason>"}, after which the server exits.
   client -> server:  {"id": int, "code": str, "timeout_s": float}
   server -> client:  {"id": int, "stdout": str, "stderr": str, "exit_code": int | null,
@@ -19,19 +20,22 @@ Wire protocol, over the server's stdin (requests) and stdout (replies):
   and kills whatever is still running.
 
 Processes (all inside one bwrap: own pid/net/ipc/uts namespaces, read-only /, private /tmp):
-  server   root with six capabilities (bwrap drops the rest). Talks to the client, owns the
+  server   root with five capabilities (bwrap drops the rest). Talks to the client, owns the
            pipes, timeouts, output caps and scratch dirs. Never forks per call, so the pages it
            writes are never shared copy-on-write with a call.
   zygote   forked once; pre-imports math/numpy/sympy, freezes the GC, backs its heap with huge
-           pages, then only forks: one child per call. It never sees a call's code or output.
+           pages, then only forks: one process per call. It never sees a call's code or output.
   janitor  deletes finished scratch dirs in the background.
-  child    one per call: new session (process group = its pid), fds 0-3 = /dev/null, stdout
-           pipe, stderr pipe, and a memfd holding the code (read, then closed); every other fd
-           closed; rlimits; uid/gid uid_base+slot with no groups; seccomp filter; clean env;
-           then exec() of the code like `python -c`.
-A call's slot has its own uid, so calls cannot signal, trace or read each other. When the child
-exits (or the deadline kills its process group), the server kills every process left under the
-slot's uid (orphans that left the group), replies, and frees the slot.
+  call     one process per call, forked ahead of time ("warm") so the fork is off the call's
+           latency: new session (process group = its pid); fds 0-4 = /dev/null, stdout pipe,
+           stderr pipe, status pipe, code socket, every other fd closed; rlimits; uid/gid
+           uid_base+slot with no groups; seccomp filter; clean env. It then blocks until the
+           server sends the code (a memfd over the socket), says "started" on the status pipe,
+           closes it, and exec()s the code like `python -c`.
+A call's slot has its own uid, so calls cannot signal, trace or read each other. When the call's
+process exits (or the deadline kills its process group), the server kills every process left
+under the slot's uid (orphans that left the group), replies, and frees the slot. A call whose
+process died before saying "started" is an infrastructure failure, never the model's.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ import contextlib
 import ctypes
 import errno
 import gc
-import io
 import json
 import linecache
 import os
@@ -206,38 +209,45 @@ def _check_program_in_child(program: _SeccompProgram) -> None:
         raise RuntimeError(f"the seccomp filter does not work here (check exit status {status})")
 
 
-# ------------------------------------------------------------------------------------------- jobs
+# ------------------------------------------------------------------------------------------ calls
 
-_SPAWN = struct.Struct("<qII")  # server -> zygote: job id, uid, scratch number; + 4 fds
-_EVENT = struct.Struct("<Bqq")  # zygote -> server: kind, job id or pid, pid or wait status
+_SPAWN = struct.Struct("<qII")  # server -> zygote: process key, uid, scratch number; + 4 fds
+_EVENT = struct.Struct("<Bqq")  # zygote -> server: kind, key or pid, pid or wait status
 _SPAWNED, _EXITED, _SPAWN_FAILED = 1, 2, 3
 
 
-class _Job:
+class _Request:
+    __slots__ = ("code", "id", "timeout_s")
+
+    def __init__(self, req_id: int, code: str, timeout_s: float):
+        self.id, self.code, self.timeout_s = req_id, code, timeout_s
+
+
+class _Call:
+    """One sandboxed process and, once dispatched, the request it runs. Processes are forked
+    ahead of time ("warm"): locked down and waiting for their code on a socket."""
+
     __slots__ = (
-        "code", "deadline", "err", "err_fd", "err_n", "exit_code", "exited_at", "fds_open",
-        "id", "kill_note", "out", "out_fd", "out_n", "pid", "scratch", "scratch_no", "slot",
-        "started", "status_fd", "t0", "timed_out", "timeout_s", "uid",
+        "code_sock", "deadline", "err", "err_fd", "err_n", "exit_code", "exited_at", "fds_open",
+        "id", "key", "kill_note", "out", "out_fd", "out_n", "pid", "scratch", "slot", "started",
+        "status_fd", "t0", "timed_out", "timeout_s", "uid",
     )  # fmt: skip
 
-    def __init__(self, job_id: int, code: str, timeout_s: float):
-        self.id = job_id
-        self.code = code
-        self.timeout_s = timeout_s
+    def __init__(self, key: int, slot: int, uid: int, scratch: str, cap: int):
+        self.key, self.slot, self.uid, self.scratch = key, slot, uid, scratch
+        self.id: int | None = None  # request id once dispatched
+        self.timeout_s = 0.0
         self.pid = 0
-        self.slot = -1
-        self.uid = -1
-        self.scratch = ""
-        self.scratch_no = 0
+        self.code_sock: socket.socket | None = None
         self.t0 = 0.0
         self.deadline = 0.0
         self.exited_at = 0.0
         self.exit_code: int | None = None
         self.timed_out = False
-        self.started = False
+        self.started = False  # the process got its code and is running it
         self.kill_note = ""
-        self.out = bytearray()
-        self.err = bytearray()
+        self.out = bytearray(cap)
+        self.err = bytearray(cap)
         self.out_n = 0  # bytes the program wrote (kept + dropped)
         self.err_n = 0
         self.out_fd = -1
@@ -259,6 +269,7 @@ class Server:
         self.uid_iso: bool = opts["uid_isolation"]
         self.cap = int(opts["max_output_bytes"])
         self.kill_bytes = int(opts["output_kill_bytes"])
+        self.warm_target = int(opts.get("warm_children", 0))
         self.scratch_root = opts["scratch_root"]
         self.trash_root = opts["scratch_root"] + "-trash"
         self.program: _SeccompProgram | None = None
@@ -267,14 +278,15 @@ class Server:
         self.janitor_pid = 0
         self.janitor_fd = -1
         self.free_slots = deque(range(int(opts["max_concurrent"])))
-        self.queue: deque[_Job] = deque()
-        self.active: dict[int, _Job] = {}  # job id -> job, from spawn to reply
-        self.by_pid: dict[int, _Job] = {}
-        self.by_fd: dict[int, tuple[_Job, str]] = {}
+        self.queue: deque[_Request] = deque()
+        self.calls: dict[int, _Call] = {}  # key -> every process we forked and still track
+        self.idle: deque[_Call] = deque()  # warm processes without a request
+        self.by_pid: dict[int, _Call] = {}
+        self.by_fd: dict[int, tuple[_Call, str]] = {}
         self.inbuf = bytearray()
         self.sel = selectors.DefaultSelector()
         self.mypid = os.getpid()
-        self.n_started = 0
+        self.n_spawned = 0
         self.discard = bytearray(_READ_CHUNK)
 
     # ----------------------------------------------------------------------------- setup
@@ -339,11 +351,13 @@ class Server:
         self.sel.register(self.proto_in, selectors.EVENT_READ, "proto")
         self.sel.register(self.zygote_sock, selectors.EVENT_READ, "zygote")
         self.sel.register(wake_r, selectors.EVENT_READ, "wake")
+        self._refill_warm()
         while True:
             timeout = None
-            if self.active:
+            busy = [c for c in self.calls.values() if c.id is not None or c.exit_code is not None]
+            if busy:
                 now = time.monotonic()
-                timeout = max(0.0, min(self._next_deadline(j) for j in self.active.values()) - now)
+                timeout = max(0.0, min(self._next_deadline(c) for c in busy) - now)
             for key, _ in self.sel.select(timeout):
                 tag = key.data
                 if tag == "proto":
@@ -365,13 +379,14 @@ class Server:
             self._check_deadlines()
             self._finish_ready()
             self._start_queued()
+            self._refill_warm()
 
-    def _next_deadline(self, job: _Job) -> float:
-        if job.exit_code is not None:
-            return job.exited_at + _DRAIN_AFTER_EXIT_S
-        if job.timed_out or job.kill_note or not job.pid:  # waiting on the zygote: don't spin
+    def _next_deadline(self, call: _Call) -> float:
+        if call.exit_code is not None:
+            return call.exited_at + _DRAIN_AFTER_EXIT_S
+        if call.timed_out or call.kill_note or not call.pid:  # waiting on the zygote: no spin
             return time.monotonic() + 0.05
-        return job.deadline
+        return call.deadline
 
     def _read_requests(self) -> bool:
         while True:
@@ -390,7 +405,7 @@ class Server:
                 break
             msg = json.loads(bytes(self.inbuf[4 : 4 + n]))
             del self.inbuf[: 4 + n]
-            self.queue.append(_Job(int(msg["id"]), str(msg["code"]), float(msg["timeout_s"])))
+            self.queue.append(_Request(int(msg["id"]), str(msg["code"]), float(msg["timeout_s"])))
         return True
 
     def _read_zygote(self) -> bool:
@@ -404,97 +419,141 @@ class Server:
                 return False
             kind, a, b = _EVENT.unpack(msg)
             if kind == _SPAWNED:
-                job = self.active.get(a)
-                if job is not None:
-                    job.pid = b
-                    self.by_pid[b] = job
-                    if job.timed_out or job.kill_note:  # killed before we knew its pid
-                        self._kill(job)
+                call = self.calls.get(a)
+                if call is not None:
+                    call.pid = b
+                    self.by_pid[b] = call
+                    if call.timed_out or call.kill_note:  # killed before we knew its pid
+                        self._kill(call)
             elif kind == _EXITED:
-                job = self.by_pid.pop(a, None)
-                if job is not None:
-                    job.exit_code = _status_to_exit_code(b)
-                    job.exited_at = time.monotonic()
-                    self._sweep(job)
+                call = self.by_pid.pop(a, None)
+                if call is not None:
+                    call.exit_code = _status_to_exit_code(b)
+                    call.exited_at = time.monotonic()
+                    self._sweep(call)
             elif kind == _SPAWN_FAILED:
-                job = self.active.get(a)
-                if job is not None:
-                    job.exit_code, job.exited_at = 126, time.monotonic()
+                call = self.calls.get(a)
+                if call is not None:
+                    call.exit_code, call.exited_at = 126, time.monotonic()
                     os.write(2, f"sandbox: fork failed: {os.strerror(b)}\n".encode())
 
     def _start_queued(self) -> None:
-        while self.queue and self.free_slots:
-            job = self.queue.popleft()
-            job.slot = self.free_slots.popleft()
+        while self.queue:
+            call = self._take_idle()
+            if call is None:
+                if not self.free_slots:
+                    return
+                try:
+                    call = self._spawn()
+                except OSError as e:  # e.g. no memory for a pipe: an infrastructure problem
+                    req = self.queue.popleft()
+                    self._reply_infra(req, f"sandbox could not start the call: {e}")
+                    continue
+            self._dispatch(call, self.queue.popleft())
+
+    def _take_idle(self) -> _Call | None:
+        while self.idle:
+            call = self.idle.popleft()
+            if call.exit_code is None:
+                return call
+        return None
+
+    def _refill_warm(self) -> None:
+        if self.queue:
+            return
+        while len(self.idle) < self.warm_target and self.free_slots:
             try:
-                self._spawn(job)
-            except OSError as e:  # e.g. no memory for a pipe: an infrastructure problem
-                self._close_job_fds(job)
-                self.active.pop(job.id, None)
-                self.free_slots.append(job.slot)
-                self._reply(job, infra_error=f"sandbox could not start the call: {e}")
+                self.idle.append(self._spawn())
+            except OSError as e:
+                print(f"sandbox: could not fork a warm process: {e}", file=sys.stderr)
+                return
 
     # ----------------------------------------------------------------------------- one call
 
-    def _spawn(self, job: _Job) -> None:
-        job.uid = int(self.o["uid_base"]) + job.slot
-        self.n_started += 1
-        job.scratch_no = self.n_started
-        job.scratch = f"{self.scratch_root}/{job.scratch_no}"
-        os.mkdir(job.scratch, 0o700)
-        if self.uid_iso:
-            os.chown(job.scratch, job.uid, job.uid)
-        job.out = bytearray(self.cap)
-        job.err = bytearray(self.cap)
-        code_fd = os.memfd_create("code", os.MFD_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        st_r, st_w = os.pipe2(os.O_CLOEXEC)
-        theirs = (code_fd, out_w, err_w, st_w)
+    def _spawn(self) -> _Call:
+        """Ask the zygote for a locked-down process on a free slot; it waits for its code."""
+        slot = self.free_slots.popleft()
+        self.n_spawned += 1
+        key = self.n_spawned
+        uid = int(self.o["uid_base"]) + slot
+        call = _Call(key, slot, uid, f"{self.scratch_root}/{key}", self.cap)
+        theirs: list[int] = []
         try:
-            data = memoryview(job.code.encode("utf-8", "surrogatepass"))
-            while data:
-                data = data[os.write(code_fd, data) :]
-            job.code = ""
-            self.active[job.id] = job
-            job.out_fd, job.err_fd, job.status_fd = out_r, err_r, st_r
+            os.mkdir(call.scratch, 0o700)
+            if self.uid_iso:
+                os.chown(call.scratch, uid, uid)
+            ours_sock, their_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            call.code_sock = ours_sock
+            theirs.append(their_sock.detach())
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            theirs.append(out_w)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            theirs.append(err_w)
+            st_r, st_w = os.pipe2(os.O_CLOEXEC)
+            theirs.append(st_w)
+            self.calls[key] = call
+            call.out_fd, call.err_fd, call.status_fd = out_r, err_r, st_r
             for fd, which in ((out_r, "out"), (err_r, "err"), (st_r, "status")):
                 os.set_blocking(fd, False)
-                self.by_fd[fd] = (job, which)
+                self.by_fd[fd] = (call, which)
                 self.sel.register(fd, selectors.EVENT_READ, which)
-                job.fds_open += 1
-            job.t0 = time.monotonic()
-            job.deadline = job.t0 + job.timeout_s
+                call.fds_open += 1
             assert self.zygote_sock is not None
-            msg = _SPAWN.pack(job.id, job.uid, job.scratch_no)
             self.zygote_sock.setblocking(True)
             try:
-                socket.send_fds(self.zygote_sock, [msg], list(theirs))
+                socket.send_fds(self.zygote_sock, [_SPAWN.pack(key, uid, key)], theirs)
             finally:
                 self.zygote_sock.setblocking(False)
+        except OSError:
+            self._release(call)
+            raise
         finally:
             for fd in theirs:
                 os.close(fd)
+        return call
 
-    def _close_job_fds(self, job: _Job) -> None:
-        for fd in (job.out_fd, job.err_fd, job.status_fd):
+    def _dispatch(self, call: _Call, req: _Request) -> None:
+        """Hand a request to a (warm or fresh) process: its code goes over in a memfd."""
+        call.id, call.timeout_s = req.id, req.timeout_s
+        call.t0 = time.monotonic()
+        call.deadline = call.t0 + req.timeout_s
+        memfd = os.memfd_create("code", os.MFD_CLOEXEC)
+        try:
+            data = memoryview(req.code.encode("utf-8", "surrogatepass"))
+            while data:
+                data = data[os.write(memfd, data) :]
+            assert call.code_sock is not None
+            socket.send_fds(call.code_sock, [b"c"], [memfd])
+        except OSError:
+            pass  # the process died while warm: it reports no start, so the reply is infra
+        finally:
+            os.close(memfd)
+            if call.code_sock is not None:
+                call.code_sock.close()
+                call.code_sock = None
+
+    def _close_call_fds(self, call: _Call) -> None:
+        for fd in (call.out_fd, call.err_fd, call.status_fd):
             if fd >= 0:
                 self._close_fd(fd)
+        if call.code_sock is not None:
+            call.code_sock.close()
+            call.code_sock = None
 
     def _read_output(self, fd: int) -> None:
-        job, which = self.by_fd[fd]
+        call, which = self.by_fd[fd]
         if which == "status":
             try:
                 data = os.read(fd, 16)
             except BlockingIOError:
                 return
             if data:
-                job.started = True
+                call.started = True
             else:
                 self._close_fd(fd)
             return
-        buf = job.out if which == "out" else job.err
-        have = job.out_n if which == "out" else job.err_n
+        buf = call.out if which == "out" else call.err
+        have = call.out_n if which == "out" else call.err_n
         while True:
             bufs = [memoryview(buf)[have:], self.discard] if have < self.cap else [self.discard]
             try:
@@ -508,21 +567,21 @@ class Server:
             if n < sum(len(b) for b in bufs):
                 break
         if which == "out":
-            job.out_n = have
+            call.out_n = have
         else:
-            job.err_n = have
-        if job.out_n + job.err_n > self.kill_bytes and not job.kill_note:
-            job.kill_note = (
+            call.err_n = have
+        if call.out_n + call.err_n > self.kill_bytes and not call.kill_note:
+            call.kill_note = (
                 f"\n[sandbox] killed: the call wrote more than {self.kill_bytes} bytes of output\n"
             )
-            self._kill(job)
+            self._kill(call)
 
     def _close_fd(self, fd: int) -> None:
-        job, which = self.by_fd.pop(fd)
+        call, which = self.by_fd.pop(fd)
         self.sel.unregister(fd)
         os.close(fd)
-        setattr(job, f"{which}_fd", -1)  # the number may be reused by the next call's pipes
-        job.fds_open -= 1
+        setattr(call, f"{which}_fd", -1)  # the number may be reused by the next call's pipes
+        call.fds_open -= 1
 
     def _reap_orphans(self) -> None:
         """Reap what was re-parented to us (orphans of calls) and notice helpers dying."""
@@ -540,19 +599,21 @@ class Server:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        for job in self.active.values():
-            if job.exit_code is None and not job.timed_out and now >= job.deadline:
-                job.timed_out = True
-                if job.pid:
-                    self._kill(job)
+        for call in self.calls.values():
+            if call.id is None or call.exit_code is not None or call.timed_out:
+                continue
+            if now >= call.deadline:
+                call.timed_out = True
+                if call.pid:
+                    self._kill(call)
 
-    def _kill(self, job: _Job) -> None:
-        if job.pid:
+    def _kill(self, call: _Call) -> None:
+        if call.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(job.pid, signal.SIGKILL)
-        self._sweep(job)
+                os.killpg(call.pid, signal.SIGKILL)
+        self._sweep(call)
 
-    def _sweep(self, job: _Job) -> None:
+    def _sweep(self, call: _Call) -> None:
         """Kill every process left over from this call, including those that left its process
         group (setsid). With per-slot uids that is 'every process of this uid'; without, the
         orphans that were re-parented to the server."""
@@ -570,7 +631,7 @@ class Server:
                         i = st.find(b"\nUid:")
                         j = st.find(b"\nState:")
                         alive = st[j + 8 : j + 9] != b"Z"
-                        if alive and int(st[i + 5 :].split(None, 1)[0]) == job.uid:
+                        if alive and int(st[i + 5 :].split(None, 1)[0]) == call.uid:
                             found.append(pid)
                     else:
                         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -586,71 +647,95 @@ class Server:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.001)
             self._reap_orphans()
-        print(f"sandbox: could not clear the processes of slot {job.slot}", file=sys.stderr)
+        print(f"sandbox: could not clear the processes of slot {call.slot}", file=sys.stderr)
 
     def _finish_ready(self) -> None:
         now = time.monotonic()
-        for job in list(self.active.values()):
-            if job.exit_code is None:
+        for call in list(self.calls.values()):
+            if call.exit_code is None:
                 continue
-            if job.fds_open and now < job.exited_at + _DRAIN_AFTER_EXIT_S:
+            if call.fds_open and now < call.exited_at + _DRAIN_AFTER_EXIT_S:
                 continue
-            self._close_job_fds(job)
-            del self.active[job.id]
-            infra = None
-            if not job.started and not job.timed_out:
-                infra = f"sandbox child setup failed (exit {job.exit_code}): " + _tail(job.err)
-            self._reply(job, infra_error=infra)
-            self._discard_scratch(job)
-            self.free_slots.append(job.slot)
+            if call.id is not None:
+                infra = None
+                if not call.started and not call.timed_out:
+                    infra = f"sandbox process failed before running the code (exit " \
+                        f"{call.exit_code}): {_tail(call.err)}"  # fmt: skip
+                self._reply(call, infra_error=infra)
+            else:
+                print(f"sandbox: a warm process died (exit {call.exit_code}): {_tail(call.err)}",
+                      file=sys.stderr)  # fmt: skip
+            self._release(call)
 
-    def _reply(self, job: _Job, infra_error: str | None = None) -> None:
-        out_kept, err_kept = min(job.out_n, self.cap), min(job.err_n, self.cap)
-        end = job.exited_at or time.monotonic()
+    def _release(self, call: _Call) -> None:
+        if call in self.idle:
+            self.idle.remove(call)
+        self._close_call_fds(call)
+        self.calls.pop(call.key, None)
+        if call.pid:
+            self.by_pid.pop(call.pid, None)
+        self._discard_scratch(call)
+        self.free_slots.append(call.slot)
+
+    def _reply(self, call: _Call, infra_error: str | None = None) -> None:
+        out_kept, err_kept = min(call.out_n, self.cap), min(call.err_n, self.cap)
+        end = call.exited_at or time.monotonic()
         _write_frame(
             self.proto_out,
             {
-                "id": job.id,
-                "stdout": job.out[:out_kept].decode("utf-8", "replace"),
-                "stderr": job.err[:err_kept].decode("utf-8", "replace") + job.kill_note,
-                "exit_code": job.exit_code,
-                "timed_out": job.timed_out,
-                "wall_s": round(end - job.t0, 6) if job.t0 else 0.0,
-                "stdout_truncated": job.out_n > self.cap,
-                "stderr_truncated": job.err_n > self.cap,
+                "id": call.id,
+                "stdout": call.out[:out_kept].decode("utf-8", "replace"),
+                "stderr": call.err[:err_kept].decode("utf-8", "replace") + call.kill_note,
+                "exit_code": call.exit_code,
+                "timed_out": call.timed_out,
+                "wall_s": round(end - call.t0, 6) if call.t0 else 0.0,
+                "stdout_truncated": call.out_n > self.cap,
+                "stderr_truncated": call.err_n > self.cap,
                 "infra_error": infra_error,
             },
         )
 
-    def _discard_scratch(self, job: _Job) -> None:
-        if not job.scratch:
-            return
+    def _reply_infra(self, req: _Request, message: str) -> None:
+        _write_frame(
+            self.proto_out,
+            {
+                "id": req.id, "stdout": "", "stderr": "", "exit_code": None, "timed_out": False,
+                "wall_s": 0.0, "stdout_truncated": False, "stderr_truncated": False,
+                "infra_error": message,
+            },
+        )  # fmt: skip
+
+    def _discard_scratch(self, call: _Call) -> None:
         if self.uid_iso:  # the sandbox's private /dev/shm is the one other writable place
             with contextlib.suppress(OSError), os.scandir("/dev/shm") as entries:
                 for entry in entries:
                     with contextlib.suppress(OSError):
-                        if entry.stat(follow_symlinks=False).st_uid == job.uid:
+                        if entry.stat(follow_symlinks=False).st_uid == call.uid:
                             if entry.is_dir(follow_symlinks=False):
                                 shutil.rmtree(entry.path, ignore_errors=True)
                             else:
                                 os.unlink(entry.path)
-        with contextlib.suppress(OSError):
-            os.rmdir(job.scratch)  # the common case: the call left no files
-            return
-        trash = f"{self.trash_root}/{job.scratch_no}"
         try:
-            os.rename(job.scratch, trash)  # instant; the janitor deletes the contents
+            os.rmdir(call.scratch)  # the common case: the call left no files
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+        trash = f"{self.trash_root}/{call.key}"
+        try:
+            os.rename(call.scratch, trash)  # instant; the janitor deletes the contents
             if self.janitor_fd >= 0:
                 os.write(self.janitor_fd, trash.encode() + b"\n")
                 return
         except OSError:
-            trash = job.scratch if os.path.exists(job.scratch) else trash
+            trash = call.scratch if os.path.exists(call.scratch) else trash
         shutil.rmtree(trash, ignore_errors=True)
 
     def _shutdown(self) -> None:
-        for job in list(self.active.values()):
-            self._kill(job)
-            self._discard_scratch(job)
+        for call in list(self.calls.values()):
+            self._kill(call)
+            self._discard_scratch(call)
         if self.zygote_pid:
             with contextlib.suppress(OSError):
                 os.kill(self.zygote_pid, signal.SIGKILL)
@@ -660,7 +745,7 @@ class Server:
 
 
 class _Zygote:
-    """Forks one child per call. Its loop touches few pages, so the huge pages backing the
+    """Forks one process per call. Its loop touches few pages, so the huge pages backing the
     pre-imported modules stay intact and each fork copies few page-table entries."""
 
     def __init__(self, opts: dict, sock: socket.socket, program, devnull: int):
@@ -668,7 +753,7 @@ class _Zygote:
         self.sock = sock
         self.program = program
         self.devnull = devnull
-        self.children: dict[int, int] = {}  # pid -> job id
+        self.children: dict[int, int] = {}  # pid -> key
         self.child_env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -683,6 +768,7 @@ class _Zygote:
         }
 
     def serve(self) -> int:
+        sys.path[0] = ""  # like `python -c`: calls import from their cwd, not from our dir
         preloaded = []
         for name in self.o["preload"]:
             try:
@@ -690,6 +776,15 @@ class _Zygote:
                 preloaded.append(name)
             except Exception:
                 pass
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # inherited by every call: the OOM killer takes a call first
+        os.environ.clear()  # what every call sees (each adds HOME and TMPDIR)
+        os.environ.update(self.child_env)
+        # Calls print through these very objects (fd 1 and 2 become the call's pipes).
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+        sys.stderr.reconfigure(line_buffering=True)
         gc.collect()
         gc.freeze()  # keeps the collector from touching (and copying) these pages in children
         huge = _collapse_heap_to_hugepages() if self.o.get("hugepages", True) else 0
@@ -726,13 +821,13 @@ class _Zygote:
                     self.sock.send(_EVENT.pack(_EXITED, pid, status))
 
     def _spawn(self, msg: bytes, fds: list[int]) -> None:
-        job_id, uid, scratch_no = _SPAWN.unpack(msg)
+        key, uid, scratch_no = _SPAWN.unpack(msg)
         try:
             pid = os.fork()
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            self.sock.send(_EVENT.pack(_SPAWN_FAILED, job_id, e.errno or 0))
+            self.sock.send(_EVENT.pack(_SPAWN_FAILED, key, e.errno or 0))
             return
         if pid == 0:  # the call's process: never returns
             try:
@@ -745,34 +840,25 @@ class _Zygote:
                 os._exit(126)
         for fd in fds:
             os.close(fd)
-        self.children[pid] = job_id
-        self.sock.send(_EVENT.pack(_SPAWNED, job_id, pid))
+        self.children[pid] = key
+        self.sock.send(_EVENT.pack(_SPAWNED, key, pid))
 
 
 # ------------------------------------------------------------------------------------ child side
 
 
 def _child_main(zygote: _Zygote, uid: int, scratch: str, fds: list[int]) -> None:
-    code_fd, out_w, err_w, st_w = fds
+    """Lock this process down, wait for the code, run it."""
+    code_sock, out_w, err_w, st_w = fds
     os.setsid()
     os.dup2(zygote.devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.dup2(st_w, 3, inheritable=False)
-    os.dup2(code_fd, 4, inheritable=False)
+    os.dup2(code_sock, 4, inheritable=False)
     os.closerange(5, 1 << 20)  # the zygote's socket and wakeup pipe, anything else inherited
-    size = os.fstat(4).st_size
-    code = b""
-    while len(code) < size:
-        chunk = os.pread(4, size - len(code), len(code))
-        if not chunk:
-            break
-        code += chunk
-    os.close(4)
     os.umask(0o077)
     os.chdir(scratch)
-    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")  # the OOM killer takes a call before anything else
     o = zygote.o
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_CPU, int(o["cpu_seconds"]), int(o["cpu_seconds"]) + 1)
@@ -790,8 +876,20 @@ def _child_main(zygote: _Zygote, uid: int, scratch: str, fds: list[int]) -> None
             raise RuntimeError("the uid drop did not take")
     if zygote.program is not None:
         zygote.program.load()
-    os.environ.clear()
-    os.environ.update(zygote.child_env, HOME=scratch, TMPDIR=scratch)
+    os.environ["HOME"] = os.environ["TMPDIR"] = scratch  # the rest was set in the zygote
+    # Locked down: now wait (warm) for the code, which arrives as a memfd.
+    with socket.socket(fileno=4) as sock:
+        _, memfds, _, _ = socket.recv_fds(sock, 16, 1)
+    if not memfds:
+        os._exit(0)  # shut down while warm
+    size = os.fstat(memfds[0]).st_size
+    code = bytearray()
+    while len(code) < size:
+        chunk = os.pread(memfds[0], size - len(code), len(code))
+        if not chunk:
+            break
+        code += chunk
+    os.close(memfds[0])
     os.write(3, b"k")
     os.close(3)
     _run_user_code(code.decode("utf-8", "surrogatepass"), kill_strays=uid_iso)
@@ -808,16 +906,8 @@ def _limit(res: int, soft: int, hard: int | None = None) -> None:
 def _run_user_code(code: str, kill_strays: bool) -> None:
     """Run `code` the way `python -c code` would, then exit the process."""
     me = os.getpid()
-    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
-        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace"
-    )
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
-        io.FileIO(2, "w", closefd=False),
-        encoding="utf-8",
-        errors="backslashreplace",
-        line_buffering=True,
-    )
+    # sys.stdin/stdout/stderr are the zygote's objects on fds 0-2, set up in _Zygote.serve.
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__
     sys.argv = ["-c"]
     atexit._clear()
     linecache.cache["<string>"] = (len(code), None, code.splitlines(True), "<string>")
@@ -941,6 +1031,7 @@ def main(argv: list[str]) -> int:
             "pid": os.getpid(),
             "uid_isolation": server.uid_iso,
             "seccomp": server.program is not None,
+            "zygote_pid": server.zygote_pid,
             **hello,
         },
     )
