@@ -1,0 +1,220 @@
+"""LearnerGroup: `learner.num_ranks` LearnerRank actors training one policy with DeepSpeed.
+
+    learners = LearnerGroup(config)                    # spawns the ranks, builds the engines
+    batch = learners.recompute_old_logprobs(batch)     # when learner.logp_old == "recompute"
+    metrics = learners.update(batch=batch, step=t, phase="on_policy")
+    metrics = learners.update(batch=replay, step=t, phase="replay", loss_weight=w_sil)
+    weights = learners.publish_weights()               # BucketedWeights for rollout workers
+    learners.save_checkpoint(directory=d, step=t)
+    learners.shutdown()
+
+Every call fans out to all ranks at once (the ranks meet in collectives) and waits for all of
+them. `update` gives each rank its rows of every mini-batch (`learners.policy.rank_rows`);
+the ranks sum the loss divisors of each mini-batch over the group, so the sharded update equals
+the single-process one. Metrics are combined by the one table METRIC_REDUCTIONS.
+
+`ray.remote` is applied here, in `spawn_learner_rank`, so every actor option is in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import Tensor
+
+from learners.learner_rank import METRIC_REDUCTIONS, LearnerRank
+from learners.policy import PHASES, rank_rows
+from learners.weight_sync import DEFAULT_BUCKET_BYTES, BucketedWeights
+from spear_ray.containers import TrainBatch
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+_REDUCERS = {"sum": sum, "max": max, "mean": lambda values: sum(values) / len(values)}
+
+
+class LearnerError(RuntimeError):
+    """A learner rank died or failed a call; the message names the rank."""
+
+
+def reduce_metrics(
+    per_rank: Sequence[Mapping[str, float]], reductions: Mapping[str, str] = METRIC_REDUCTIONS
+) -> dict[str, float]:
+    """Combine the ranks' metrics, each by its declared reduction (sum, max or mean)."""
+    if not per_rank:
+        return {}
+    result: dict[str, float] = {}
+    for name in per_rank[0]:
+        if name not in reductions:
+            raise KeyError(f"metric {name!r} has no declared reduction in METRIC_REDUCTIONS")
+        result[name] = float(_REDUCERS[reductions[name]]([float(m[name]) for m in per_rank]))
+    return result
+
+
+def spawn_learner_rank(config: Any, rank: int, world_size: int, group: Any, **options: Any):
+    """Start one LearnerRank actor in bundle `rank` of the placement group."""
+    res = config.resources
+    actor_cls = ray.remote(LearnerRank).options(
+        num_cpus=res.cpus_per_learner,
+        num_gpus=res.gpus_per_learner,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=rank
+        ),
+        # A restarted rank could not rejoin its process group: the group is rebuilt instead.
+        max_restarts=0,
+        **options,
+    )
+    return actor_cls.remote(config, rank=rank, world_size=world_size)
+
+
+class LearnerGroup:
+    def __init__(self, config: Any, actor_options: dict[str, Any] | None = None):
+        self.config = config
+        self.num_ranks = config.learner.num_ranks
+        res = config.resources
+        bundle = {"CPU": res.cpus_per_learner}
+        if res.gpus_per_learner > 0:
+            bundle["GPU"] = res.gpus_per_learner
+        self._placement = placement_group(
+            [dict(bundle) for _ in range(self.num_ranks)], strategy=res.placement_strategy
+        )
+        try:
+            ray.get(self._placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self._placement)
+            raise LearnerError(
+                f"the cluster cannot place {self.num_ranks} learner ranks of {bundle} each "
+                f"({res.placement_strategy}) within {PLACEMENT_TIMEOUT_S:.0f} s; free resources "
+                f"or lower learner.num_ranks / resources.cpus_per_learner, gpus_per_learner"
+            ) from None
+        self.ranks = [
+            spawn_learner_rank(config, r, self.num_ranks, self._placement, **(actor_options or {}))
+            for r in range(self.num_ranks)
+        ]
+        try:
+            self._setup()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _setup(self) -> None:
+        t0 = time.monotonic()
+        nodes = self._call_all("node_info", [{}] * self.num_ranks)
+        # Rendezvous at rank 0's node, on a port found free there just now.
+        master_addr, master_port = nodes[0]["ip"], nodes[0]["free_port"]
+        local = [
+            {
+                "local_rank": sum(n["node_id"] == node["node_id"] for n in nodes[:r]),
+                "local_world_size": sum(n["node_id"] == node["node_id"] for n in nodes),
+            }
+            for r, node in enumerate(nodes)
+        ]
+        self.info = self._call_all(
+            "setup",
+            [dict(master_addr=master_addr, master_port=master_port, **lo) for lo in local],
+        )
+        self.setup_s = time.monotonic() - t0
+
+    # ------------------------------------------------------------------ fan-out
+
+    def _get(self, refs: Sequence[Any]) -> list[Any]:
+        results = []
+        for rank, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayActorError as err:
+                raise LearnerError(f"learner rank {rank} died: {str(err).splitlines()[0]}") from err
+            except ray.exceptions.RayTaskError as err:
+                raise LearnerError(
+                    f"learner rank {rank} failed: {str(err).splitlines()[0]}"
+                ) from err
+        return results
+
+    def _call_all(self, method: str, kwargs_per_rank: Sequence[Mapping[str, Any]]) -> list[Any]:
+        refs = [
+            getattr(actor, method).remote(**kwargs)
+            for actor, kwargs in zip(self.ranks, kwargs_per_rank, strict=True)
+        ]
+        return self._get(refs)
+
+    def _shards(self, rows: int, mini_batches: int) -> list[tuple[list[int], list[int]]]:
+        return [
+            rank_rows(rows, num_ranks=self.num_ranks, mini_batches=mini_batches, rank=r)
+            for r in range(self.num_ranks)
+        ]
+
+    # ------------------------------------------------------------------ training
+
+    def compute_logprobs(self, *, batch: TrainBatch) -> Tensor:
+        """Current-policy log-probs of every token, [rows, length] like the batch (0 at
+        position 0 and on padding)."""
+        shards = self._shards(batch.rows, 1)
+        parts = self._call_all(
+            "compute_logprobs", [{"batch": batch.select(rows)} for rows, _ in shards]
+        )
+        return torch.cat(parts, dim=0)  # shards are contiguous and in rank order
+
+    def recompute_old_logprobs(self, batch: TrainBatch) -> TrainBatch:
+        """The batch with old_logprobs = the current policy's (learner.logp_old = "recompute"),
+        zero outside the loss mask like the behaviour log-probs they replace."""
+        logp = self.compute_logprobs(batch=batch)
+        return replace(batch, old_logprobs=logp * batch.loss_mask)
+
+    def update(
+        self, *, batch: TrainBatch, step: int, phase: str, loss_weight: float = 1.0
+    ) -> dict[str, float]:
+        """One phase of training step `step` (see LearnerRank.update); reduced metrics."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if batch.rows == 0:
+            raise ValueError(f"update(phase={phase!r}, step={step}) got an empty batch")
+        mini_batches = min(self.config.learner.mini_batches_per_step, batch.rows)
+        kwargs = [
+            {
+                "batch": batch.select(rows),
+                "step": step,
+                "phase": phase,
+                "loss_weight": loss_weight,
+                "mini_batch_sizes": sizes,
+            }
+            for rows, sizes in self._shards(batch.rows, mini_batches)
+        ]
+        return reduce_metrics(self._call_all("update", kwargs))
+
+    # ------------------------------------------------------------------ weights, checkpoints
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The full weights, brought to the driver (for tests and exports; rollout workers get
+        them through publish_weights instead)."""
+        return self._call_all("full_state_dict", [{}] * self.num_ranks)[0]
+
+    def publish_weights(self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> BucketedWeights:
+        """Rank 0 puts the weights into the object store in buckets; pass the result to the
+        rollout workers' update_weights(named_tensors=..., version=...)."""
+        refs = self._call_all("publish_weights", [{"bucket_bytes": bucket_bytes}] * self.num_ranks)
+        return BucketedWeights(refs[0])
+
+    def save_checkpoint(self, *, directory: str, step: int) -> str:
+        self._call_all("save_checkpoint", [{"directory": directory, "step": step}] * self.num_ranks)
+        return directory
+
+    def load_checkpoint(self, *, directory: str) -> int:
+        steps = self._call_all("load_checkpoint", [{"directory": directory}] * self.num_ranks)
+        return int(steps[0])
+
+    def shutdown(self) -> None:
+        for actor in self.ranks:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # already gone, or hung: killed below either way
+            finally:
+                ray.kill(actor)
+        self.ranks = []
+        remove_placement_group(self._placement)

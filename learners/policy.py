@@ -1,0 +1,269 @@
+"""The learner's per-micro-batch math, in plain torch (no Ray, no DeepSpeed).
+
+This is where SPEAR.md §1 (the clipped policy loss and its aggregation) and §5 (the same loss on
+replay chunks, with the stored behaviour log-probs as logp_old) meet the model:
+
+    logits ──token_logprobs──▶ logp[b, i] = log p(token i | tokens < i)   (aligned with TrainBatch)
+           ──token_entropy───▶ H[b, i]    = entropy of the distribution that produced token i
+    micro_batch_loss(logits, micro, settings, divisors) = aggregate(policy loss) - coef*entropy
+
+A learner rank splits its rows into mini-batches (one optimizer step each), packs each mini-batch
+into micro-batches by a token budget (one forward/backward each) and accumulates gradients. The
+divisors of the aggregation are those of the WHOLE mini-batch summed over ranks
+(`spear_ray.algo.losses.loss_divisors`), so the micro-batch losses add up exactly to the
+mini-batch loss however the rows were packed, sharded or padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spear_ray.algo.losses import (
+    aggregate_loss,
+    compute_policy_loss,
+    entropy_from_logits,
+    entropy_loss,
+)
+from spear_ray.containers import TrainBatch
+
+Phase = Literal["on_policy", "replay"]
+PHASES: tuple[str, ...] = ("on_policy", "replay")
+
+# --------------------------------------------------------------------------- log-probs ------
+
+
+def _float_logits(logits: Tensor) -> Tensor:
+    # bf16/fp16 logits lose too much in log_softmax; fp32 and fp64 are kept as they are.
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """logp[b, i] = log_softmax(logits[b, i-1])[input_ids[b, i]], and 0 at i = 0.
+
+    logits [B, T, V] are the model's outputs for input_ids [B, T]; the result [B, T] is aligned
+    with TrainBatch.old_logprobs (entry i belongs to token i).
+    """
+    logits = _float_logits(logits)[:, :-1]
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    picked = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return F.pad(picked, (1, 0))
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """H[b, i] = entropy of softmax(logits[b, i-1]) (the distribution token i was drawn from);
+    0 at i = 0. Same alignment as token_logprobs."""
+    return F.pad(entropy_from_logits(_float_logits(logits)[:, :-1]), (1, 0))
+
+
+# --------------------------------------------------------------------------- batching -------
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous near-equal pieces of `total` items (larger ones first)."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    base, extra = divmod(total, parts)
+    return [base + (k < extra) for k in range(parts)]
+
+
+def rank_rows(
+    num_rows: int, *, num_ranks: int, mini_batches: int, rank: int
+) -> tuple[list[int], list[int]]:
+    """The rows of a step's batch that `rank` trains on, and its local mini-batch sizes.
+
+    Global mini-batch m is the m-th contiguous chunk of rows; each rank takes a contiguous slice
+    of every mini-batch. So rank r's m-th local mini-batch is part of global mini-batch m, and
+    the sharded update (gradients summed over ranks) equals the single-process one. Sizes are
+    equal when num_ranks * mini_batches divides num_rows (the config guarantees it for on-policy
+    batches); otherwise they differ by at most one row, and a rank may get none.
+    """
+    rows: list[int] = []
+    sizes: list[int] = []
+    start = 0
+    for mini_size in split_sizes(num_rows, mini_batches):
+        shard_sizes = split_sizes(mini_size, num_ranks)
+        offset = start + sum(shard_sizes[:rank])
+        rows.extend(range(offset, offset + shard_sizes[rank]))
+        sizes.append(shard_sizes[rank])
+        start += mini_size
+    return rows, sizes
+
+
+def pack_micro_batches(lengths: Sequence[int], tokens_per_micro_batch: int) -> list[list[int]]:
+    """Group row indices into micro-batches of at most `tokens_per_micro_batch` padded tokens.
+
+    Rows are sorted longest first and cut greedily into consecutive groups, so each micro-batch
+    holds rows of similar length and its padded size (rows x its longest row) stays within the
+    budget; every row appears exactly once. A row longer than the budget is an error (the
+    config checks that the budget fits the longest possible sequence).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        length = max(int(lengths[i]), 1)
+        if length > tokens_per_micro_batch:
+            raise ValueError(
+                f"row {i} has {length} tokens, more than learner.tokens_per_micro_batch="
+                f"{tokens_per_micro_batch}; raise the budget to at least the longest sequence"
+            )
+        # rows come longest first, so a group's first row is its longest
+        if groups and (len(groups[-1]) + 1) * max(int(lengths[groups[-1][0]]), 1) <= (
+            tokens_per_micro_batch
+        ):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def trim_padding(batch: TrainBatch) -> TrainBatch:
+    """The same rows without the padding columns beyond the longest real row."""
+    width = int(batch.attention_mask.sum(dim=-1).max().item()) if batch.rows else 0
+    columns = {
+        f.name: getattr(batch, f.name)[:, : max(width, 1)]
+        for f in fields(batch)
+        if getattr(batch, f.name).dim() == 2
+    }
+    return replace(batch, **columns)
+
+
+def micro_batches(batch: TrainBatch, tokens_per_micro_batch: int) -> list[TrainBatch]:
+    """`batch` packed by token budget (see pack_micro_batches), each trimmed of padding."""
+    lengths = batch.attention_mask.sum(dim=-1).tolist()
+    return [
+        trim_padding(batch.select(rows))
+        for rows in pack_micro_batches(lengths, tokens_per_micro_batch)
+    ]
+
+
+# --------------------------------------------------------------------------- the loss -------
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The scalars of one phase's loss (from PolicyLossConfig and the phase's CovConfig)."""
+
+    aggregation: str = "seq-mean-token-sum-norm"
+    norm_length: float | None = None  # constant of seq-mean-token-sum-norm (max response tokens)
+    entropy_coef: float = 0.0
+    cov_mode: str = "none"
+    loss_kwargs: Mapping[str, Any] = field(default_factory=dict)  # compute_policy_loss kwargs
+
+    @classmethod
+    def from_config(cls, policy_loss: Any, *, phase: str, norm_length: float) -> LossSettings:
+        """policy_loss: a PolicyLossConfig; replay uses replay_cov, on-policy on_policy_cov."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        cov = policy_loss.on_policy_cov if phase == "on_policy" else policy_loss.replay_cov
+        return cls(
+            aggregation=policy_loss.aggregation,
+            norm_length=float(norm_length),
+            entropy_coef=policy_loss.entropy_coef,
+            cov_mode=cov.mode,
+            loss_kwargs={
+                "clip_low": policy_loss.clip_low,
+                "clip_high": policy_loss.clip_high,
+                "dual_clip": policy_loss.dual_clip_c,
+                "log_ratio_clamp": policy_loss.log_ratio_clamp,
+                "cov_ratio": cov.ratio,
+                "cov_lb": cov.lower_bound,
+                "cov_ub": cov.upper_bound,
+                "kl_coef": cov.kl_coef,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class MicroBatchLoss:
+    """loss: the scalar to backpropagate (this micro-batch's share of the mini-batch loss).
+
+    pg_loss, entropy_term: its detached parts (loss = pg_loss + entropy_term).
+    sums: detached token sums over the micro-batch's loss tokens, to be divided by the
+    mini-batch's global token count: entropy, clipped, dual_clipped, cov_selected, approx_kl,
+    ppo_kl, tokens.
+    """
+
+    loss: Tensor
+    pg_loss: float
+    entropy_term: float
+    sums: dict[str, float]
+
+
+def micro_batch_loss(
+    logits: Tensor,
+    micro: TrainBatch,
+    settings: LossSettings,
+    divisors: Mapping[str, float],
+    *,
+    generator: torch.Generator | None = None,
+) -> MicroBatchLoss:
+    """The policy loss of one micro-batch (SPEAR.md §1/§5), normalised by the divisors of its
+    whole mini-batch (`num_tokens`, `num_sequences`, summed over ranks)."""
+    device = logits.device
+    mask = micro.loss_mask.to(device).bool()
+    logp = token_logprobs(logits, micro.input_ids.to(device))
+    out = compute_policy_loss(
+        settings.cov_mode,
+        logp,
+        micro.old_logprobs.to(device, logp.dtype),
+        micro.advantages.to(device, logp.dtype),
+        mask,
+        generator=generator,
+        **settings.loss_kwargs,
+    )
+    agg = {
+        "num_tokens": divisors["num_tokens"],
+        "num_sequences": divisors["num_sequences"],
+        "norm_length": settings.norm_length,
+    }
+    pg_loss = aggregate_loss(out.per_token_loss, mask, settings.aggregation, **agg)
+    # The entropy over the vocabulary is only differentiated when it is part of the loss.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and settings.entropy_coef > 0):
+        entropy = token_entropy(logits)
+        entropy_term = entropy_loss(
+            entropy, mask, settings.aggregation, coef=settings.entropy_coef, **agg
+        )
+    with torch.no_grad():
+        n = out.stats["n_tokens"]
+        parts = {
+            "pg_loss": pg_loss,
+            "entropy_term": entropy_term,
+            "entropy": torch.where(mask, entropy, torch.zeros_like(entropy)).sum(),
+            "clipped": out.clipped.sum(),
+            "dual_clipped": out.dual_clipped.sum(),
+            "cov_selected": out.cov_selected.sum(),
+            "approx_kl": out.stats["approx_kl"] * n,
+            "ppo_kl": out.stats["ppo_kl"] * n,
+            "tokens": n,
+        }
+        # one device-to-host copy for all of them
+        stacked = torch.stack([v.detach().double() for v in parts.values()]).tolist()
+        values = dict(zip(parts, stacked, strict=True))
+    return MicroBatchLoss(
+        loss=pg_loss + entropy_term,
+        pg_loss=values.pop("pg_loss"),
+        entropy_term=values.pop("entropy_term"),
+        sums=values,
+    )
+
+
+__all__ = [
+    "PHASES",
+    "LossSettings",
+    "MicroBatchLoss",
+    "Phase",
+    "micro_batch_loss",
+    "micro_batches",
+    "pack_micro_batches",
+    "rank_rows",
+    "split_sizes",
+    "token_entropy",
+    "token_logprobs",
+    "trim_padding",
+]

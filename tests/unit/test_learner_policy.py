@@ -1,0 +1,260 @@
+"""The learner's per-micro-batch math (learners/policy.py): log-prob alignment against a direct
+loop, micro-batch packing, rank sharding, and the property the whole learner rests on: summing
+the micro-batch (and rank-shard) losses and gradients gives exactly the mini-batch ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learners.policy import (
+    LossSettings,
+    micro_batch_loss,
+    micro_batches,
+    pack_micro_batches,
+    rank_rows,
+    split_sizes,
+    token_entropy,
+    token_logprobs,
+    trim_padding,
+)
+from spear_ray.algo.losses import LOSS_AGGREGATIONS, loss_divisors
+from spear_ray.config.schema import CovConfig, PolicyLossConfig
+from spear_ray.containers import TrainBatch
+
+F64 = torch.float64
+VOCAB = 23
+
+
+def tiny_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(F64).eval()
+
+
+def make_batch(seed: int, lengths: list[int], width: int | None = None) -> TrainBatch:
+    """Right-padded rows with a prompt of 2 tokens, loss on the rest (some rows fully masked),
+    per-row advantages and behaviour log-probs that differ from the model's (so clipping acts)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, width = len(lengths), width or max(lengths) + 2
+    input_ids = torch.zeros(rows, width, dtype=torch.long)
+    attention_mask = torch.zeros(rows, width, dtype=torch.long)
+    loss_mask = torch.zeros(rows, width)
+    for r, n in enumerate(lengths):
+        input_ids[r, :n] = torch.randint(1, VOCAB, (n,), generator=g)
+        attention_mask[r, :n] = 1
+        loss_mask[r, 2:n] = (torch.rand(n - 2, generator=g) < 0.8).float()
+    loss_mask[-1] = 0  # a filtered row: in the batch, carries no loss
+    adv = torch.randn(rows, 1, generator=g).expand(rows, width) * loss_mask
+    old = (-3 * torch.rand(rows, width, generator=g) - 0.1) * loss_mask
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+        old_logprobs=old.to(F64),
+        advantages=adv.to(F64),
+        group_ids=torch.arange(rows),
+        rewards=torch.zeros(rows),
+    )
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def test_token_logprobs_and_entropy_match_a_direct_loop():
+    model = tiny_model()
+    batch = make_batch(0, [5, 9, 3, 7])
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = token_logprobs(logits, batch.input_ids)
+    entropy = token_entropy(logits)
+    assert logp.shape == entropy.shape == batch.input_ids.shape
+    for b in range(batch.rows):
+        assert logp[b, 0] == 0 and entropy[b, 0] == 0
+        for i in range(1, batch.input_ids.shape[1]):
+            probs = torch.softmax(logits[b, i - 1], dim=-1)
+            expected = math.log(probs[batch.input_ids[b, i]].item())
+            assert logp[b, i].item() == pytest.approx(expected, abs=1e-10)
+            h = -sum(p * math.log(p) for p in probs.tolist())
+            assert entropy[b, i].item() == pytest.approx(h, abs=1e-10)
+
+
+def test_token_logprobs_of_real_tokens_ignore_padding():
+    model = tiny_model()
+    batch = make_batch(1, [6, 4])
+    wide = make_batch(1, [6, 4], width=15)  # same rows, more padding columns
+    with torch.no_grad():
+        a = token_logprobs(model(input_ids=batch.input_ids).logits, batch.input_ids)
+        b = token_logprobs(model(input_ids=wide.input_ids).logits, wide.input_ids)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(a[real], b[:, : a.shape[1]][real])
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    extra=st.integers(0, 60),
+)
+def test_packing_respects_the_budget_and_covers_every_row_once(lengths, extra):
+    budget = max(lengths) + extra
+    groups = pack_micro_batches(lengths, budget)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert group
+        assert len(group) * max(lengths[i] for i in group) <= budget  # padded size
+    # greedy over rows sorted longest first: the next row never fit into the previous group
+    for prev in groups[:-1]:
+        assert (len(prev) + 1) * max(lengths[i] for i in prev) > budget
+
+
+def test_packing_rejects_a_row_over_the_budget():
+    with pytest.raises(ValueError, match="tokens_per_micro_batch"):
+        pack_micro_batches([3, 12, 4], 10)
+
+
+def test_micro_batches_are_trimmed_to_their_longest_row():
+    batch = make_batch(2, [3, 9, 4, 8], width=20)
+    pieces = micro_batches(batch, 18)
+    assert sum(p.rows for p in pieces) == batch.rows
+    for piece in pieces:
+        assert piece.input_ids.shape[1] == int(piece.attention_mask.sum(-1).max())
+        assert piece.rows * piece.input_ids.shape[1] <= 18
+    assert trim_padding(batch).input_ids.shape[1] == 9
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 50), ranks=st.integers(1, 4), minis=st.integers(1, 5))
+def test_rank_rows_split_every_global_mini_batch_across_ranks(rows, ranks, minis):
+    global_minis = []
+    start = 0
+    for size in split_sizes(rows, minis):
+        global_minis.append(set(range(start, start + size)))
+        start += size
+    seen = []
+    for r in range(ranks):
+        mine, sizes = rank_rows(rows, num_ranks=ranks, mini_batches=minis, rank=r)
+        assert sum(sizes) == len(mine) and len(sizes) == minis
+        seen.extend(mine)
+        offset = 0
+        for m, size in enumerate(sizes):  # local mini-batch m lies inside global mini-batch m
+            assert set(mine[offset : offset + size]) <= global_minis[m]
+            offset += size
+        if rows % (ranks * minis) == 0:
+            assert sizes == [rows // (ranks * minis)] * minis
+    assert sorted(seen) == list(range(rows))
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _settings(aggregation: str, cov_mode: str = "none", entropy_coef: float = 0.01):
+    cfg = PolicyLossConfig(
+        aggregation=aggregation,
+        entropy_coef=entropy_coef,
+        on_policy_cov=CovConfig(mode=cov_mode),
+    )
+    return LossSettings.from_config(cfg, phase="on_policy", norm_length=32)
+
+
+def _loss_and_grads(model, pieces, settings, divisors, scale=1.0):
+    model.zero_grad()
+    total = 0.0
+    for piece in pieces:
+        logits = model(input_ids=piece.input_ids, attention_mask=piece.attention_mask).logits
+        out = micro_batch_loss(logits, piece, settings, divisors)
+        (out.loss * scale).backward()
+        total += out.loss.item()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return total, grads
+
+
+@pytest.mark.parametrize("aggregation", LOSS_AGGREGATIONS)
+def test_micro_batched_loss_and_gradient_equal_the_whole_mini_batch(aggregation):
+    model = tiny_model()
+    batch = make_batch(3, [5, 11, 3, 8, 6, 10, 4, 7])
+    settings = _settings(aggregation)
+    divisors = loss_divisors(batch.loss_mask)
+    whole_loss, whole_grads = _loss_and_grads(model, [batch], settings, divisors)
+    pieces = micro_batches(batch, 16)
+    assert len(pieces) > 2
+    micro_loss, micro_grads = _loss_and_grads(model, pieces, settings, divisors)
+    assert micro_loss == pytest.approx(whole_loss, rel=1e-12, abs=1e-14)
+    for a, b in zip(micro_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("aggregation", LOSS_AGGREGATIONS)
+def test_rank_shards_with_global_divisors_sum_to_the_mini_batch(aggregation):
+    """What DeepSpeed does across 2 ranks: each rank's micro-batches, loss x world size, then
+    the mean of the ranks' gradients."""
+    model = tiny_model()
+    batch = make_batch(4, [5, 11, 3, 8, 6, 10, 4, 7])
+    settings = _settings(aggregation)
+    divisors = loss_divisors(batch.loss_mask)
+    whole_loss, whole_grads = _loss_and_grads(model, [batch], settings, divisors)
+    world = 2
+    loss_sum, grad_sum = 0.0, [torch.zeros_like(g) for g in whole_grads]
+    for r in range(world):
+        rows, _ = rank_rows(batch.rows, num_ranks=world, mini_batches=1, rank=r)
+        pieces = micro_batches(batch.select(rows), 20)
+        loss, grads = _loss_and_grads(model, pieces, settings, divisors, scale=world)
+        loss_sum += loss
+        grad_sum = [s + g / world for s, g in zip(grad_sum, grads, strict=True)]
+    assert loss_sum == pytest.approx(whole_loss, rel=1e-12, abs=1e-14)
+    for a, b in zip(grad_sum, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_micro_batch_loss_matches_the_algo_functions_and_reports_token_sums():
+    from spear_ray.algo.losses import aggregate_loss, compute_policy_loss, entropy_loss
+
+    model = tiny_model()
+    batch = make_batch(5, [6, 9, 4])
+    settings = _settings("token-mean", entropy_coef=0.05)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits
+        out = micro_batch_loss(logits, batch, settings, loss_divisors(batch.loss_mask))
+        logp = token_logprobs(logits, batch.input_ids)
+        mask = batch.loss_mask.bool()
+        ref = compute_policy_loss(
+            "none", logp, batch.old_logprobs, batch.advantages, mask, **settings.loss_kwargs
+        )
+        pg = aggregate_loss(ref.per_token_loss, mask, "token-mean")
+        ent = entropy_loss(token_entropy(logits), mask, "token-mean", coef=0.05)
+    assert out.loss.item() == pytest.approx((pg + ent).item(), rel=1e-12)
+    assert out.pg_loss == pytest.approx(pg.item(), rel=1e-12)
+    assert out.sums["tokens"] == batch.num_loss_tokens
+    assert out.sums["clipped"] == ref.clipped.sum().item() > 0
+    assert out.sums["entropy"] / out.sums["tokens"] == pytest.approx(
+        (token_entropy(logits)[mask]).mean().item(), rel=1e-12
+    )
+
+
+def test_loss_settings_pick_the_phase_cov_config():
+    cfg = PolicyLossConfig()
+    on = LossSettings.from_config(cfg, phase="on_policy", norm_length=512)
+    replay = LossSettings.from_config(cfg, phase="replay", norm_length=512)
+    assert on.loss_kwargs["cov_ratio"] == cfg.on_policy_cov.ratio
+    assert replay.loss_kwargs["cov_ratio"] == 0.02 and replay.loss_kwargs["cov_ub"] == 60
+    assert on.norm_length == 512 and on.aggregation == "seq-mean-token-sum-norm"
+    with pytest.raises(ValueError, match="phase"):
+        LossSettings.from_config(cfg, phase="offline", norm_length=1)
