@@ -154,7 +154,10 @@ class RolloutWorker:
         """Load new weights in place (idempotent: an older or equal version is ignored)."""
         if version <= self.engine.weight_version:
             return self.engine.weight_version
-        await self.engine.update_weights(named_tensors, version)
+        # Fetching buckets from the object store blocks: do it off the event loop so the
+        # trajectories in flight keep going meanwhile.
+        tensors = await asyncio.to_thread(list, named_tensors)
+        await self.engine.update_weights(tensors, version)
         return self.engine.weight_version
 
     def health(self) -> dict[str, Any]:

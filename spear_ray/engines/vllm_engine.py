@@ -205,6 +205,7 @@ class VLLMEngine:
             )
         tensors = [(name, t.detach()) for name, t in named_tensors]
         self._validate(tensors)
+        tensors = _with_tied_lm_head(tensors, self._tied_embeddings)
         update = _Update(tensors, version, concurrent.futures.Future())
         self._commands.put(("update", update))
         await asyncio.wrap_future(update.future)
@@ -408,6 +409,22 @@ class VLLMEngine:
                 "update_weights: the tensors do not match the checkpoint's parameters: "
                 + "; ".join(problems)
             )
+
+
+def _with_tied_lm_head(
+    tensors: list[tuple[str, torch.Tensor]], tied: bool
+) -> list[tuple[str, torch.Tensor]]:
+    """With tied embeddings, make sure `lm_head.weight` is sent too.
+
+    vLLM's in-place reload does not re-tie: a tied model reloaded without `lm_head.weight` keeps
+    its OLD output projection ("ParallelLMHead: Failed to load weights") and samples from a mix
+    of old and new weights. Learners export tied weights once (no lm_head), so add it here.
+    """
+    names = {name for name, _ in tensors}
+    if not tied or "lm_head.weight" in names:
+        return tensors
+    embed = next((t for n, t in tensors if n.endswith("embed_tokens.weight")), None)
+    return tensors if embed is None else [*tensors, ("lm_head.weight", embed)]
 
 
 def _resolve(

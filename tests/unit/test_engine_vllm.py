@@ -248,3 +248,32 @@ def test_a_bad_request_fails_alone(engines):
     # prompt + max_tokens beyond max_model_len: cut at max_model_len, finish_reason "length"
     near_limit = asyncio.run(engines.vllm.generate(prompt(0, length=500), SamplingSpec(50, 0.0)))
     assert (len(near_limit.token_ids), near_limit.finish_reason) == (512 - 501, "length")
+
+
+def test_update_of_a_tied_model_without_lm_head_reties_it(tmp_path, monkeypatch):
+    """Learners send tied weights once (no lm_head.weight); vLLM's reload does not re-tie, so
+    the engine must, or the old output projection stays (regression)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spear_ray.models import resolve_model_path
+
+    monkeypatch.setenv("SPEAR_RAY_CACHE", str(tmp_path))
+    path = str(resolve_model_path("builtin:tiny-random"))
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    engine = VLLMEngine(path, max_model_len=256, cpu_kv_cache_gib=0.1)
+    try:
+        g = torch.Generator().manual_seed(1)
+        state = {k: v + 0.5 * torch.randn(v.shape, generator=g)
+                 for k, v in model.state_dict().items()}
+        model.load_state_dict(state)  # tied: embed_tokens and lm_head end up one tensor
+        sent = [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+        asyncio.run(engine.update_weights(sent, 1))
+        prompt = [1, 5, 9, 13, 27, 40]
+        got = asyncio.run(engine.generate(prompt, SamplingSpec(max_tokens=12, temperature=0.0)))
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             eos_token_id=None)[0, len(prompt):].tolist()
+        assert got.token_ids == ref[: len(got.token_ids)] and len(got.token_ids) > 3
+    finally:
+        engine.shutdown()
