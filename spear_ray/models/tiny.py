@@ -1,0 +1,358 @@
+"""Locally built Llama-architecture models, and `resolve_model_path` for `model.path`.
+
+    resolve_model_path("/models/Qwen2.5-1.5B-Instruct") -> that path (checked to exist)
+    resolve_model_path("builtin:tiny-llama") -> ~/.cache/spear_ray/models/tiny-llama-<key>/
+
+A builtin is an ordinary HF model directory (config.json, model.safetensors, tokenizer files,
+generation_config.json, plus build_info.json), so transformers, vLLM and DeepSpeed load it like
+any other. It is built on first use and cached under `$SPEAR_RAY_CACHE/models/` (default
+`~/.cache/spear_ray`), keyed by BUILDER_VERSION and the builtin's settings: changing either makes
+a new directory. A build goes into a temporary directory that is renamed into place when complete,
+under a file lock, so concurrent processes build it once and never see half a model.
+
+Builtins (see BUILTINS):
+- tiny-random: preset "tiny", random init; for tests (builds in about a second).
+- small-random: preset "small", random init.
+- tiny-llama: preset "small", SFT-warm-started on noisy frozenlake demonstrations (the demo
+  model; succeeds on some held-out maps, not most). About 2-3 minutes on 2 CPU cores.
+- tiny-llama-sokoban / tiny-llama-math: the same recipe on sokoban / python_math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILDER_VERSION = 2  # bump whenever a build would come out different
+BUILTIN_PREFIX = "builtin:"
+CACHE_ENV_VAR = "SPEAR_RAY_CACHE"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 2048
+
+
+# head_dim is 32 or 64: sizes every attention backend (vLLM CPU and GPU included) supports
+PRESETS: dict[str, ModelSize] = {
+    "tiny": ModelSize(64, 2, 2, 2, 192),
+    "mini": ModelSize(128, 4, 4, 2, 384),
+    "small": ModelSize(256, 4, 4, 2, 704),
+    "base": ModelSize(512, 8, 8, 4, 1408),
+}
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """A warm start: noisy oracle demonstrations, then two SFT stages on them.
+
+    Stage 1 trains on single-turn windows (one observation -> one action): short rows, many
+    decisions per second of CPU, so the observation -> action map is learnt fast. Stage 2 trains
+    on the whole multi-turn episodes, the token layout the agent loop produces, so the model
+    learns to act on the newest observation of a long history.
+    """
+
+    env: str
+    env_options: dict[str, Any] = field(default_factory=dict)
+    num_demos: int = 3000
+    noise: float = 0.2
+    window_steps: int = 400
+    window_batch_size: int = 32
+    episode_steps: int = 100
+    episode_batch_size: int = 8
+    lr: float = 3e-3
+    eval_episodes: int = 64  # success rate on eval seeds, measured after training (0 = skip)
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    size: str
+    description: str
+    vocab_size: int = 2048
+    seed: int = 0
+    sft: SFTRecipe | None = None
+
+
+EVAL_SEED_START = 1_000_000  # the config's env.eval_seed_start: demos never use these seeds
+
+BUILTINS: dict[str, BuiltinSpec] = {
+    "tiny-random": BuiltinSpec("tiny", "random init, hidden 64 x 2 layers; for tests"),
+    "small-random": BuiltinSpec("small", "random init, hidden 256 x 4 layers"),
+    "tiny-llama": BuiltinSpec(
+        "small",
+        "hidden 256 x 4 layers, SFT on noisy frozenlake demonstrations (the CPU demo's model)",
+        sft=SFTRecipe("frozenlake", {"max_turns": 8}),
+    ),
+    "tiny-llama-sokoban": BuiltinSpec(
+        "small",
+        "hidden 256 x 4 layers, SFT on noisy sokoban demonstrations",
+        sft=SFTRecipe("sokoban", {}),
+    ),
+    "tiny-llama-math": BuiltinSpec(
+        "small",
+        "hidden 256 x 4 layers, SFT on noisy python_math demonstrations (tool call, answer)",
+        sft=SFTRecipe("python_math", {"levels": [1]}, num_demos=1500),
+    ),
+}
+
+
+class ModelPathError(FileNotFoundError):
+    """A model path that does not exist or a builtin name that is unknown (one-line message)."""
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_model(size: str | ModelSize, tokenizer, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM sized by `size`, vocab = len(tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = PRESETS[size] if isinstance(size, str) else size
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers,
+        num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads,
+        max_position_embeddings=s.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def save_model_dir(model, tokenizer, path: str | Path, info: Mapping[str, Any]) -> Path:
+    """Write model (safetensors) + tokenizer + build_info.json into `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    (path / "build_info.json").write_text(json.dumps(dict(info), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def build_builtin(name: str, path: str | Path, log=None) -> dict[str, Any]:
+    """Build builtin `name` into directory `path`; returns its build_info."""
+    spec = _spec(name)
+    t0 = time.monotonic()
+    tokenizer = load_tokenizer(ensure_tokenizer(spec.vocab_size, spec.seed))
+    model = build_model(spec.size, tokenizer, spec.seed)
+    info: dict[str, Any] = {"name": name, "key": cache_key(name), **_settings(name)}
+    info["num_parameters"] = sum(p.numel() for p in model.parameters())
+    if spec.sft is not None:
+        info["sft"] = _warm_start(model, tokenizer, spec.sft, spec.seed, log)
+    info["build_seconds"] = round(time.monotonic() - t0, 1)
+    save_model_dir(model, tokenizer, path, info)
+    return info
+
+
+def ensure_tokenizer(vocab_size: int = 2048, seed: int = 0) -> Path:
+    """The cached directory of the trained tokenizer (shared by every builtin using it)."""
+    from spear_ray.models.tokenizer import build_tokenizer
+
+    blob = json.dumps({"builder_version": BUILDER_VERSION, "vocab": vocab_size, "seed": seed})
+    final = cache_root() / f"tokenizer-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def build(tmp: Path) -> None:
+        build_tokenizer(vocab_size, seed).save_pretrained(tmp)
+        (tmp / "build_info.json").write_text(blob + "\n")
+
+    return _cached_build(final, build, None)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def _warm_start(model, tokenizer, recipe: SFTRecipe, seed: int, log) -> dict[str, Any]:
+    from spear_ray.models.sft import rollout_success_rate, warm_start
+
+    result: dict[str, Any] = {"recipe": asdict(recipe)}
+    result.update(warm_start(model, tokenizer, recipe, seed, log))
+    if recipe.eval_episodes:
+        seeds = range(EVAL_SEED_START, EVAL_SEED_START + recipe.eval_episodes)
+        sandbox = None
+        if recipe.env == "python_math":
+            from spear_ray.sandbox import SandboxClient, SandboxConfig
+
+            sandbox = SandboxClient(SandboxConfig())
+        try:
+            deps = {"sandbox": sandbox} if sandbox is not None else {}
+            stats = rollout_success_rate(
+                model, tokenizer, recipe.env, recipe.env_options, list(seeds), env_deps=deps
+            )
+        finally:
+            if sandbox is not None:
+                sandbox.close()
+        result["eval"] = {"seeds": f"{seeds.start}..{seeds.stop - 1}", "temperature": 1.0, **stats}
+    return result
+
+
+# ---------------------------------------------------------------- resolving and caching
+
+
+def cache_root() -> Path:
+    """`$SPEAR_RAY_CACHE/models`, default `~/.cache/spear_ray/models`."""
+    base = os.environ.get(CACHE_ENV_VAR) or "~/.cache/spear_ray"
+    return Path(base).expanduser() / "models"
+
+
+def _spec(name: str) -> BuiltinSpec:
+    try:
+        return BUILTINS[name]
+    except KeyError:
+        raise ModelPathError(
+            f"unknown builtin model {BUILTIN_PREFIX}{name}; known: "
+            + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
+        ) from None
+
+
+def _settings(name: str) -> dict[str, Any]:
+    spec = _spec(name)
+    return {
+        "builder_version": BUILDER_VERSION,
+        "size": asdict(PRESETS[spec.size]),
+        "vocab_size": spec.vocab_size,
+        "seed": spec.seed,
+        "sft": asdict(spec.sft) if spec.sft else None,
+    }
+
+
+def cache_key(name: str) -> str:
+    blob = json.dumps({"name": name, **_settings(name)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def builtin_dir(name: str) -> Path:
+    """Where builtin `name` lives (built or not)."""
+    return cache_root() / f"{name}-{cache_key(name)}"
+
+
+def _is_built(path: Path) -> bool:
+    return (path / "build_info.json").is_file()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_build(final: Path, build, message: str | None) -> Path:
+    """Run `build(tmp_dir)` once across processes and rename the result to `final`.
+
+    `build` must write build_info.json last; a directory without it is an unfinished leftover.
+    """
+    if _is_built(final):
+        return final
+    with _file_lock(final.with_name(final.name + ".lock")):
+        if _is_built(final):  # another process built it while we waited
+            return final
+        if message:
+            _progress(message)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        try:
+            with _quiet_transformers():
+                build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or info chatter from transformers while we save/load our own files."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def ensure_builtin(name: str) -> Path:
+    """The directory of builtin `name`, building it first if it is not cached."""
+    spec = _spec(name)
+    final = builtin_dir(name)
+    eta = "a few minutes" if spec.sft else "a few seconds"
+    message = f"building {BUILTIN_PREFIX}{name} ({spec.description}; {eta}) in {final}"
+    built: dict[str, Any] = {}
+    t0 = time.monotonic()
+
+    def build(tmp: Path) -> None:
+        built.update(build_builtin(name, tmp))
+
+    _cached_build(final, build, message)
+    if spec.sft is not None and built:
+        rate = built["sft"].get("eval", {}).get("success_rate")
+        extra = f"; eval success rate {rate:.2f}" if rate is not None else ""
+        _progress(f"built {BUILTIN_PREFIX}{name} in {time.monotonic() - t0:.0f} s{extra}")
+    return final
+
+
+def resolve_model_path(path: str) -> Path:
+    """A local model path as given, or the cached directory of `builtin:NAME` (built if needed).
+
+    Raises ModelPathError (one line, naming the path) when the path does not exist.
+    """
+    if path.startswith(BUILTIN_PREFIX):
+        return ensure_builtin(path[len(BUILTIN_PREFIX) :])
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ModelPathError(
+            f"model path {path!r} does not exist: give a local HF model directory (or .gguf file)"
+            f" or one of {', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}"
+        )
+    return resolved
+
+
+def _progress(message: str) -> None:
+    print(f"spear_ray: {message}", file=sys.stderr, flush=True)
