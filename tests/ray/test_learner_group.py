@@ -253,13 +253,9 @@ def load_hf_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+def ray_cluster(ray_local):
+    """The session's local Ray (tests/conftest.py)."""
+    return ray_local
 
 
 @pytest.fixture(scope="module")

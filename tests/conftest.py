@@ -1,4 +1,5 @@
-"""Fixtures of the Ray tier: one small local Ray for the whole session."""
+"""Shared fixtures. `ray_local`: one small local Ray for the whole session, used by the ray/ and
+e2e/ tiers (defined once here so two tiers cannot start two Rays)."""
 
 from __future__ import annotations
 
