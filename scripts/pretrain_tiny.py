@@ -48,10 +48,15 @@ def main() -> None:
     for f in dataclasses.fields(SFTRecipe):
         if f.name not in ("env", "env_options"):
             flag = "--" + f.name.replace("_", "-")
-            t.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
+            kind = type(getattr(defaults, f.name))
+            if kind is bool:
+                t.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"))
+            else:
+                t.add_argument(flag, type=kind, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--baseline", action="store_true", help="also evaluate the random init")
     t.add_argument("--eval-every", type=int, default=0, help="held-out turn accuracy every N")
+    t.add_argument("--success-every", type=int, default=0, help="success rate every N ep. steps")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
 
@@ -98,6 +103,10 @@ def main() -> None:
         held_eps = [encode_chat(tokenizer, d.messages) for d in held]
 
     def periodic(stage: str, step: int) -> None:
+        if stage == "episodes" and args.success_every and step % args.success_every == 0:
+            stats = rollout_success_rate(model, tokenizer, args.env, options, seeds, env_deps=deps)
+            curve[f"success:{step}"] = stats["success_rate"]
+            stderr_log(f"episodes step {step}: success rate {stats['success_rate']:.3f}")
         if args.eval_every and step % args.eval_every == 0:
             acc = (turn_accuracy(model, held_windows), turn_accuracy(model, held_eps))
             curve[f"{stage}:{step}"] = [round(a, 3) for a in acc]

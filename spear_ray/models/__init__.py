@@ -1,7 +1,13 @@
-"""Locally built models: a BPE tokenizer trained on our envs' text, tiny Llama models, and the
-SFT warm start on oracle demonstrations. Heavy imports (torch, transformers) happen on use.
+"""Locally built models: a byte-level BPE tokenizer trained on our envs' text, tiny Llama models,
+and their SFT warm start on noisy oracle demonstrations. torch and transformers are imported only
+when something is built or loaded, so `import spear_ray.models` stays fast.
 
-    resolve_model_path("builtin:tiny-llama") -> Path of an HF model directory
+    resolve_model_path("builtin:tiny-llama") -> Path of a cached HF model directory (built once)
+    resolve_model_path("/models/Qwen2.5-1.5B") -> that Path (ModelPathError if it is missing)
+    load_tokenizer(ensure_tokenizer()) -> the project tokenizer (ChatML, eos <|im_end|>)
+
+Modules: tokenizer.py (the tokenizer), tiny.py (presets, builtins, cache), demos.py (oracle
+demonstrations), sft.py (tokenising chats with a loss mask, training, a sampling evaluation).
 """
 
 from spear_ray.models.tiny import (
@@ -11,6 +17,9 @@ from spear_ray.models.tiny import (
     build_model,
     builtin_dir,
     cache_root,
+    ensure_builtin,
+    ensure_tokenizer,
+    load_tokenizer,
     resolve_model_path,
 )
 
@@ -21,5 +30,8 @@ __all__ = [
     "build_model",
     "builtin_dir",
     "cache_root",
+    "ensure_builtin",
+    "ensure_tokenizer",
+    "load_tokenizer",
     "resolve_model_path",
 ]

@@ -1,9 +1,13 @@
 """Supervised warm start on oracle demonstrations, and a plain sampling loop to measure it.
 
-    demos = generate_demos("frozenlake", range(2000), {"max_turns": 8}, noise=0.3)
-    examples = [encode_chat(tokenizer, d.messages) for d in demos]
-    sft_train(model, examples, SFTSettings(), seed=0)
+    report = warm_start(model, tokenizer, recipe)      # recipe: tiny.SFTRecipe
     rollout_success_rate(model, tokenizer, "frozenlake", {"max_turns": 8}, seeds)
+
+or by hand:
+
+    demos = generate_demos("frozenlake", range(3000), {"max_turns": 8}, noise=0.2)
+    examples = [encode_chat(tokenizer, d.messages) for d in demos]
+    sft_train(model, examples, SFTSettings(steps=100), seed=0, pad_id=tokenizer.pad_token_id)
 
 `encode_chat` tokenises a conversation exactly as the agent loop sees it, one message at a time
 (token-in-token-out): `<|im_start|>{role}\\n` + content + `<|im_end|>` + `\\n`. The loss mask is 1
@@ -11,8 +15,11 @@ on the tokens the policy generates, i.e. each assistant message's content and it
 and 0 elsewhere (headers, observations, the newline after `<|im_end|>`). The ids equal
 `apply_chat_template(messages)` for the same messages (tests check this).
 
+`warm_start` trains in two stages (see SFTRecipe): single-turn windows first (cheap rows that
+teach the observation -> action map), then whole episodes (the layout the agent loop produces).
 Training is plain torch AdamW on CPU (token-mean cross-entropy on masked tokens, linear warmup
-then cosine decay); deterministic for a seed on a given machine and thread count.
+then cosine decay to 10%, length-bucketed batches); deterministic for a seed on a given machine,
+torch version and thread count.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ __all__ = [
     "generate_demos",
     "rollout_success_rate",
     "sft_train",
+    "turn_accuracy",
     "turn_windows",
     "warm_start",
 ]
@@ -140,7 +148,7 @@ def sft_train(
             ids[row, : len(x)] = torch.tensor(x)
             attn[row, : len(x)] = 1
             labels[row, : len(x)] = torch.tensor(
-                [t if k else -100 for t, k in zip(x, m, strict=False)]
+                [t if k else -100 for t, k in zip(x, m, strict=True)]
             )
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -196,10 +204,14 @@ def warm_start(
         recipe.env, range(recipe.num_demos), recipe.env_options, recipe.noise, seed
     )
     episodes = [encode_chat(tokenizer, d.messages) for d in demos]
+    if not recipe.window_instructions:  # the same episodes, without the rules text
+        options = {**recipe.env_options, "include_instructions": False}
+        demos = generate_demos(recipe.env, range(recipe.num_demos), options, recipe.noise, seed)
     windows = [encode_chat(tokenizer, w) for d in demos for w in turn_windows(d.messages)]
     report: dict[str, Any] = {
         "demo_success_rate": sum(d.success for d in demos) / len(demos),
-        "demo_tokens": sum(len(i) for i, _ in episodes),
+        "episode_tokens": sum(len(i) for i, _ in episodes),
+        "window_tokens": sum(len(i) for i, _ in windows),
     }
     pad = tokenizer.pad_token_id
     stages = [
@@ -286,7 +298,7 @@ def rollout_success_rate(
             prompts = [convs[i] + header for i in alive]
             outs = _sample(model, prompts, max_tokens_per_turn, temperature, im_end, pad, gen)
             still = []
-            for i, out in zip(alive, outs, strict=False):
+            for i, out in zip(alive, outs, strict=True):
                 text = tokenizer.decode([t for t in out if t != im_end])
                 result = envs[i].step(text)
                 turns += 1

@@ -11,11 +11,13 @@ a new directory. A build goes into a temporary directory that is renamed into pl
 under a file lock, so concurrent processes build it once and never see half a model.
 
 Builtins (see BUILTINS):
-- tiny-random: preset "tiny", random init; for tests (builds in about a second).
-- small-random: preset "small", random init.
-- tiny-llama: preset "small", SFT-warm-started on noisy frozenlake demonstrations (the demo
-  model; succeeds on some held-out maps, not most). About 2-3 minutes on 2 CPU cores.
-- tiny-llama-sokoban / tiny-llama-math: the same recipe on sokoban / python_math.
+- tiny-random: preset "tiny" (hidden 64 x 2 layers, 0.2M parameters), random init; for tests.
+  Builds in seconds (the shared tokenizer, trained once, takes ~5-10 s of it).
+- small-random: preset "small" (hidden 256 x 4 layers, 3.3M parameters), random init.
+- tiny-llama: preset "mini" (hidden 128 x 4 layers, 0.9M parameters), warm-started by SFT on
+  noisy frozenlake demonstrations (the demo preset's env: default options, max_turns 8); it
+  succeeds on some held-out maps, not most. A few minutes on 2 CPU cores, once.
+- tiny-llama-sokoban / tiny-llama-math: the same recipe on sokoban / python_math level 1.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-BUILDER_VERSION = 2  # bump whenever a build would come out different
+BUILDER_VERSION = 4  # bump whenever a build would come out different
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV_VAR = "SPEAR_RAY_CACHE"
 
@@ -72,12 +74,16 @@ class SFTRecipe:
     env_options: dict[str, Any] = field(default_factory=dict)
     num_demos: int = 3000
     noise: float = 0.2
+    # stage-1 rows show the observation as the env's include_instructions=False variant (the
+    # first turn's rules text dropped): a third fewer tokens, same observation -> action map
+    window_instructions: bool = False
     window_steps: int = 400
     window_batch_size: int = 32
     episode_steps: int = 100
     episode_batch_size: int = 8
     lr: float = 3e-3
     eval_episodes: int = 64  # success rate on eval seeds, measured after training (0 = skip)
+    eval_max_tokens_per_turn: int = 24
 
 
 @dataclass(frozen=True)
@@ -91,23 +97,40 @@ class BuiltinSpec:
 
 EVAL_SEED_START = 1_000_000  # the config's env.eval_seed_start: demos never use these seeds
 
+# The warm-start recipe of the demo model, measured on this project's 2-core CPU box: ~3 minutes
+# single-threaded, ~25-30% success at temperature 1 on eval seeds (random init: ~0%).
+_GRID_RECIPE = dict(
+    num_demos=3000,
+    noise=0.2,
+    window_steps=400,
+    window_batch_size=32,
+    episode_steps=120,
+    episode_batch_size=8,
+    lr=3e-3,
+)
+
 BUILTINS: dict[str, BuiltinSpec] = {
     "tiny-random": BuiltinSpec("tiny", "random init, hidden 64 x 2 layers; for tests"),
     "small-random": BuiltinSpec("small", "random init, hidden 256 x 4 layers"),
     "tiny-llama": BuiltinSpec(
-        "small",
-        "hidden 256 x 4 layers, SFT on noisy frozenlake demonstrations (the CPU demo's model)",
-        sft=SFTRecipe("frozenlake", {"max_turns": 8}),
+        "mini",
+        "hidden 128 x 4 layers, SFT on noisy frozenlake demonstrations; the CPU demo's model",
+        sft=SFTRecipe("frozenlake", {"max_turns": 8}, **_GRID_RECIPE),
     ),
     "tiny-llama-sokoban": BuiltinSpec(
-        "small",
-        "hidden 256 x 4 layers, SFT on noisy sokoban demonstrations",
-        sft=SFTRecipe("sokoban", {}),
+        "mini",
+        "hidden 128 x 4 layers, SFT on noisy sokoban demonstrations",
+        sft=SFTRecipe("sokoban", {}, **_GRID_RECIPE),
     ),
     "tiny-llama-math": BuiltinSpec(
-        "small",
-        "hidden 256 x 4 layers, SFT on noisy python_math demonstrations (tool call, answer)",
-        sft=SFTRecipe("python_math", {"levels": [1]}, num_demos=1500),
+        "mini",
+        "hidden 128 x 4 layers, SFT on noisy python_math level-1 demonstrations",
+        sft=SFTRecipe(
+            "python_math",
+            {"levels": [1]},
+            **{**_GRID_RECIPE, "num_demos": 2000},
+            eval_max_tokens_per_turn=160,
+        ),
     ),
 }
 
@@ -150,10 +173,12 @@ def build_model(size: str | ModelSize, tokenizer, seed: int = 0):
 
 def save_model_dir(model, tokenizer, path: str | Path, info: Mapping[str, Any]) -> Path:
     """Write model (safetensors) + tokenizer + build_info.json into `path`."""
+    from spear_ray.models.tokenizer import save_tokenizer
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
     (path / "build_info.json").write_text(json.dumps(dict(info), indent=2, sort_keys=True) + "\n")
     return path
 
@@ -175,13 +200,13 @@ def build_builtin(name: str, path: str | Path, log=None) -> dict[str, Any]:
 
 def ensure_tokenizer(vocab_size: int = 2048, seed: int = 0) -> Path:
     """The cached directory of the trained tokenizer (shared by every builtin using it)."""
-    from spear_ray.models.tokenizer import build_tokenizer
+    from spear_ray.models.tokenizer import build_tokenizer, save_tokenizer
 
     blob = json.dumps({"builder_version": BUILDER_VERSION, "vocab": vocab_size, "seed": seed})
     final = cache_root() / f"tokenizer-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
     def build(tmp: Path) -> None:
-        build_tokenizer(vocab_size, seed).save_pretrained(tmp)
+        save_tokenizer(build_tokenizer(vocab_size, seed), tmp)
         (tmp / "build_info.json").write_text(blob + "\n")
 
     return _cached_build(final, build, None)
@@ -208,7 +233,13 @@ def _warm_start(model, tokenizer, recipe: SFTRecipe, seed: int, log) -> dict[str
         try:
             deps = {"sandbox": sandbox} if sandbox is not None else {}
             stats = rollout_success_rate(
-                model, tokenizer, recipe.env, recipe.env_options, list(seeds), env_deps=deps
+                model,
+                tokenizer,
+                recipe.env,
+                recipe.env_options,
+                list(seeds),
+                max_tokens_per_turn=recipe.eval_max_tokens_per_turn,
+                env_deps=deps,
             )
         finally:
             if sandbox is not None:
@@ -299,6 +330,21 @@ def _cached_build(final: Path, build, message: str | None) -> Path:
 
 
 @contextlib.contextmanager
+def _build_threads() -> Iterator[None]:
+    """Half the cores for torch while building: tiny matmuls gain little from more threads,
+    and OpenMP threads that spin against other busy processes (Ray workers, a second build)
+    made SFT steps 2-5x slower on a 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) // 2)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No progress bars or info chatter from transformers while we save/load our own files."""
     try:
@@ -328,7 +374,8 @@ def ensure_builtin(name: str) -> Path:
     t0 = time.monotonic()
 
     def build(tmp: Path) -> None:
-        built.update(build_builtin(name, tmp))
+        with _build_threads():
+            built.update(build_builtin(name, tmp))
 
     _cached_build(final, build, message)
     if spec.sft is not None and built:

@@ -176,6 +176,25 @@ def wrap_tokenizer(tok):
     return hf
 
 
+def save_tokenizer(tokenizer, path) -> None:
+    """`save_pretrained`, then make tokenizer_config.json loadable by transformers 4.x and 5.x
+    (and so by any vLLM): transformers 5 writes its own class name (TokenizersBackend), a list
+    under `extra_special_tokens` (a dict in 4.x) and the template only in chat_template.jinja."""
+    import json
+    from pathlib import Path
+
+    tokenizer.save_pretrained(str(path))
+    config_path = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("extra_special_tokens", None)
+    config["additional_special_tokens"] = [IM_START]
+    config["chat_template"] = CHAT_TEMPLATE
+    for key in ("backend", "is_local", "local_files_only"):  # 5.x bookkeeping of this save
+        config.pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
     """Train the tokenizer on `tokenizer_corpus(seed)` and wrap it for transformers."""
     if vocab_size < 512:

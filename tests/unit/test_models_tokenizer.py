@@ -46,7 +46,7 @@ def test_round_trip(tokenizer, text):
 def test_special_tokens_are_single_ids(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     assert ids == [0, 1, 2, 3]
-    for token, token_id in zip(SPECIAL_TOKENS, ids, strict=False):
+    for token, token_id in zip(SPECIAL_TOKENS, ids, strict=True):
         assert tokenizer.encode(token, add_special_tokens=False) == [token_id]
     assert tokenizer.eos_token == IM_END and tokenizer.eos_token_id == ids[2]
     assert tokenizer.pad_token == PAD and tokenizer.pad_token_id == ids[3]
