@@ -93,7 +93,13 @@ def main() -> None:
     }
     if args.baseline:
         report["random_init"] = rollout_success_rate(
-            model, tokenizer, args.env, options, seeds, env_deps=deps
+            model,
+            tokenizer,
+            args.env,
+            options,
+            seeds,
+            max_tokens_per_turn=recipe.eval_max_tokens_per_turn,
+            env_deps=deps,
         )
     t0, c0 = time.monotonic(), time.process_time()
     curve = report["turn_accuracy"] = {}
@@ -104,7 +110,15 @@ def main() -> None:
 
     def periodic(stage: str, step: int) -> None:
         if stage == "episodes" and args.success_every and step % args.success_every == 0:
-            stats = rollout_success_rate(model, tokenizer, args.env, options, seeds, env_deps=deps)
+            stats = rollout_success_rate(
+                model,
+                tokenizer,
+                args.env,
+                options,
+                seeds,
+                max_tokens_per_turn=recipe.eval_max_tokens_per_turn,
+                env_deps=deps,
+            )
             curve[f"success:{step}"] = stats["success_rate"]
             stderr_log(f"episodes step {step}: success rate {stats['success_rate']:.3f}")
         if args.eval_every and step % args.eval_every == 0:
@@ -115,7 +129,15 @@ def main() -> None:
     report.update(warm_start(model, tokenizer, recipe, args.seed, stderr_log, periodic))
     report["train_cpu_s"] = round(time.process_time() - c0, 1)
     t0 = time.monotonic()
-    report["sft"] = rollout_success_rate(model, tokenizer, args.env, options, seeds, env_deps=deps)
+    report["sft"] = rollout_success_rate(
+        model,
+        tokenizer,
+        args.env,
+        options,
+        seeds,
+        max_tokens_per_turn=recipe.eval_max_tokens_per_turn,
+        env_deps=deps,
+    )
     report["eval_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(report))
 

@@ -18,8 +18,9 @@ cloned from them succeeds often but far from always. Same arguments -> same demo
 Grid turns (think=True) first note where things are, then act: `P1,3 G0,1 <action>Up</action>`
 (row,column of the player and the goal, 0-based from the top-left; sokoban lists P, every box X
 and every target O). A tiny model learns to read positions off the map far faster with this
-short, directly supervised note than from the action alone (measured: the note makes the
-frozenlake warm start ~3x cheaper), and it stays within a 24-token turn.
+short, directly supervised note than from the action alone (measured on frozenlake with a 0.9M
+model: 400-800 steps without the note left action accuracy at chance, 25%; with it, 400 steps
+reach ~75%), and the turn stays within 24 tokens.
 
 Only the standard library and the envs are imported, so the tokenizer corpus can use this module
 without torch.

@@ -133,8 +133,8 @@ def test_math_programs_print_the_answer_in_the_sandbox():
             for level in (1, 2, 3):
                 problem = generate_problem(seed, level)
                 family = problem.source.rsplit(":", 1)[-1]
-                if family in seen or family in {"digit_sum_count", "multiples_sum"}:
-                    continue  # (the brute-force families are slow; checked in the slow tier)
+                if family in seen or family in SLOW_FAMILIES:
+                    continue
                 seen.add(family)
                 code = math_program(problem.prompt, problem.source, problem.answer)
                 assert (
@@ -145,6 +145,35 @@ def test_math_programs_print_the_answer_in_the_sandbox():
         assert len(seen) >= 10
         demos = generate_demos("python_math", range(6), {"levels": [1]}, 0.0, sandbox=client)
         assert all(d.success for d in demos)
+    finally:
+        client.close()
+
+
+SLOW_FAMILIES = {"digit_sum_count", "multiples_sum"}  # brute force: seconds per run
+
+
+@pytest.mark.slow
+def test_every_math_family_program_at_every_level():
+    from spear_ray.envs.math_data import FAMILIES
+    from spear_ray.sandbox import SandboxClient, SandboxConfig
+
+    client = SandboxClient(SandboxConfig())
+    try:
+        seen = set()
+        for seed in range(200):
+            for level in FAMILIES:
+                problem = generate_problem(seed, level)
+                key = (level, problem.source.rsplit(":", 1)[-1])
+                if key in seen:
+                    continue
+                seen.add(key)
+                code = math_program(problem.prompt, problem.source, problem.answer)
+                result = client.run_python(code, timeout_s=30)
+                assert result.stdout.strip() == expected_output(problem.answer), (key, code)
+        for level in FAMILIES:  # every family a level can draw was checked at that level
+            drawn = [f for lv, fs in FAMILIES.items() if lv <= level for f in fs]
+            names = {f.__name__.lstrip("_") for f in drawn}
+            assert {name for lv, name in seen if lv == level} == names
     finally:
         client.close()
 
