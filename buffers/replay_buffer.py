@@ -199,7 +199,7 @@ def replay_train_batch(entries: Sequence[ReplayEntry], pad_token_id: int) -> Tra
     # build_train_batch broadcasts one number or per-turn values; per-token ones are set below.
     batch = build_train_batch(trajectories, [0.0] * len(entries), pad_token_id)
     for row, e in enumerate(entries):
-        adv = torch.from_numpy(e.replay_advantages)
+        adv = torch.tensor(e.replay_advantages)  # a copy: arrays from Ray are read-only
         batch.advantages[row, : e.num_tokens] = adv * batch.loss_mask[row, : e.num_tokens]
     dense: dict[tuple[int, int], int] = {}
     batch.group_ids = torch.tensor(

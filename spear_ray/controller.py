@@ -167,7 +167,10 @@ class Controller:
     def _collect_rollout(self, t: int) -> list[Trajectory]:
         pending = self._pending if self._pending is not None else self._start_rollout(t)
         self._pending = None
-        return pending.all()
+        # Groups arrive in completion order; batch rows in task order keep the update (and so a
+        # resumed run) independent of which worker finished first. The sort is stable: samples
+        # stay in their order within a group.
+        return sorted(pending.all(), key=lambda traj: traj.group_id)
 
     def evaluate(self) -> dict[str, float]:
         trajs = self.rollouts.start(

@@ -86,6 +86,9 @@ def run_training(
             if checkpoint is not None:
                 first = controller.restore(checkpoint) + 1
                 log(f"resumed from {checkpoint} (next step {first})")
+                # rows of steps >= first logged before the interruption are superseded by the
+                # ones that follow this marker (readers keep the last row of a step)
+                run.log_metrics({"step": first, "event": "resumed", "checkpoint": str(checkpoint)})
         evaluation = {}
         every = config.run.eval_every_steps
         if every and first == 0:
@@ -104,6 +107,7 @@ def run_training(
             if (t + 1) % config.checkpoint.every_steps == 0 or done:
                 controller.save(t)
                 log(f"checkpoint saved: {run.latest_checkpoint()}")
+        _log_success_summary(run, log)
         return evaluation
     finally:
         controller.shutdown()
@@ -117,6 +121,19 @@ def _evaluate(controller, run: RunDir, *, step: int, log) -> dict:
         f"on {controller.config.env.eval_tasks} held-out tasks"
     )
     return metrics
+
+
+def _log_success_summary(run: RunDir, log) -> None:
+    """One line comparing the run's first and last held-out evaluation."""
+    evals = {
+        r["step"]: r["eval/success_rate"] for r in run.read_metrics() if "eval/success_rate" in r
+    }
+    if len(evals) >= 2:
+        (s0, first), (s1, last) = min(evals.items()), max(evals.items())
+        log(
+            f"held-out success rate: {first:.3f} after {s0} steps -> {last:.3f} after {s1} "
+            f"steps ({last - first:+.3f})"
+        )
 
 
 def resolve_run(config_source: str | None, overrides: list[str], resume: str | None):

@@ -125,8 +125,13 @@ class VLLMEngine:
         # vLLM reads these when it is imported and when the engine starts.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only, never a download
+        # vLLM logs at INFO on every weight reload and prefix-cache reset: one block of noise
+        # per training step. VLLM_LOGGING_LEVEL=INFO in the environment brings it back.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
+
+        _quiet_rotary_reload_warning()
 
         if self.device == "cpu":
             device_args: dict[str, Any] = {
@@ -475,3 +480,17 @@ def _destroy_vllm_process_groups() -> None:
         destroy_distributed_environment()
     except Exception:  # best effort: nothing else to free
         logger.debug("could not destroy vLLM's process groups", exc_info=True)
+
+
+class _DropRotaryReloadWarning(logging.Filter):
+    """vLLM warns "RotaryEmbedding: Failed to load weights" on every in-place reload: the rotary
+    cos/sin cache is a computed buffer, never in a checkpoint, and vLLM puts it back itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_rotary_reload_warning() -> None:
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _DropRotaryReloadWarning) for f in reload_logger.filters):
+        reload_logger.addFilter(_DropRotaryReloadWarning())
