@@ -5,9 +5,13 @@
     for trajectories in pending.stream():
         ...                                       # one finished group (G trajectories) at a time
     group.update_weights(weights_ref, version=v + 1)
+    group.shutdown()                              # kills the workers, frees their placement group
 
+The workers live in one placement group of `rollout.num_workers` identical bundles (see
+`rollout_bundle`), separate from the learners' group: with whole GPUs per actor, rollout and
+learning run on separate GPUs.
 `ray.remote` is applied here, in `spawn_rollout_worker`, so every actor option (CPUs, GPUs,
-restarts, concurrency) is visible in one place.
+placement, restarts, concurrency) is visible in one place.
 """
 
 from __future__ import annotations
@@ -16,28 +20,61 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup
 
 from actors.rollout_worker import RolloutWorker
 from spear_ray.agent.loop import Task
 from spear_ray.config import SpearConfig
 from spear_ray.containers import Trajectory
+from spear_ray.placement import (
+    PLACEMENT_TIMEOUT_S,
+    bundle_of,
+    in_bundle,
+    kill_actors,
+    remove,
+    reserve,
+)
 
 
 class RolloutWorkerError(RuntimeError):
     """A rollout worker actor died or failed a call; the message names the worker."""
 
 
-def spawn_rollout_worker(config: SpearConfig, worker_index: int, **options: Any):
-    """Start one RolloutWorker actor with the resources of `config.resources`."""
+def rollout_bundle(config: SpearConfig) -> dict[str, float]:
+    """The bundle of one rollout worker: {CPU: cpus_per_rollout_worker, GPU:
+    gpus_per_rollout_worker (if > 0)}.
+
+    With tensor parallelism the one bundle holds all the worker's GPUs (the config requires
+    gpus_per_rollout_worker >= rollout.tensor_parallel_size): a bundle always lies on one node,
+    the worker actor takes the whole bundle, and vLLM starts its TP processes itself on the GPUs
+    Ray gave the actor (vLLM's multiprocessing executor). vLLM's own Ray executor would instead
+    need one 1-GPU bundle per TP rank (it refuses bundles of more than one GPU and takes the GPU
+    bundles of the actor's current placement group), as OpenRLHF arranges with
+    VLLM_RAY_BUNDLE_INDICES. Note that inside a placement group vLLM picks its Ray executor by
+    default when TP > 1, so on GPU the engine must ask for distributed_executor_backend="mp"."""
     res = config.resources
-    actor_cls = ray.remote(RolloutWorker).options(
-        num_cpus=res.cpus_per_rollout_worker,
-        num_gpus=res.gpus_per_rollout_worker,
+    return bundle_of(res.cpus_per_rollout_worker, res.gpus_per_rollout_worker)
+
+
+def spawn_rollout_worker(
+    config: SpearConfig,
+    worker_index: int,
+    placement_group: PlacementGroup | None = None,
+    **options: Any,
+):
+    """Start one RolloutWorker actor with the resources of `config.resources`, in bundle
+    `worker_index` of `placement_group` when one is given. `options` override the defaults."""
+    res = config.resources
+    actor_options: dict[str, Any] = {
+        "num_cpus": res.cpus_per_rollout_worker,
+        "num_gpus": res.gpus_per_rollout_worker,
         # async actor: concurrent rollout_group calls share the event loop and the engine
-        max_concurrency=1000,
-        **options,
-    )
-    return actor_cls.remote(config, worker_index)
+        "max_concurrency": 1000,
+    }
+    if placement_group is not None:
+        actor_options["scheduling_strategy"] = in_bundle(placement_group, worker_index)
+    actor_options.update(options)
+    return ray.remote(RolloutWorker).options(**actor_options).remote(config, worker_index)
 
 
 def _get(index: int, ref: ray.ObjectRef) -> Any:
@@ -66,12 +103,45 @@ class PendingRollout:
 
 
 class RolloutGroup:
-    def __init__(self, config: SpearConfig, actor_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        config: SpearConfig,
+        actor_options: dict[str, Any] | None = None,
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    ):
+        """Reserve one bundle per worker (a PlacementError after `placement_timeout_s` if the
+        cluster cannot hold them) and start the workers in them."""
         self.config = config
-        self.workers = [
-            spawn_rollout_worker(config, i, **(actor_options or {}))
-            for i in range(config.rollout.num_workers)
+        res, rollout = config.resources, config.rollout
+        fields = [
+            "rollout.num_workers",
+            "resources.cpus_per_rollout_worker",
+            "resources.gpus_per_rollout_worker",
         ]
+        if rollout.tensor_parallel_size > 1:
+            fields.append("rollout.tensor_parallel_size")
+        self._placement: PlacementGroup | None = reserve(
+            rollout_bundle(config),
+            rollout.num_workers,
+            strategy=res.placement_strategy,
+            what="rollout workers",
+            fields=fields,
+            timeout_s=placement_timeout_s,
+        )
+        self.workers: list[Any] = []
+        try:
+            for i in range(rollout.num_workers):
+                self.workers.append(
+                    spawn_rollout_worker(config, i, self._placement, **(actor_options or {}))
+                )
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def placement_group(self) -> PlacementGroup | None:
+        """The workers' placement group (bundle i holds worker i); None after shutdown."""
+        return self._placement
 
     def start(
         self, tasks: list[Task], *, weight_version: int | None = None, evaluation: bool = False
@@ -103,11 +173,8 @@ class RolloutGroup:
         return [_get(i, w.health.remote()) for i, w in enumerate(self.workers)]
 
     def shutdown(self) -> None:
-        for worker in self.workers:
-            try:
-                ray.get(worker.shutdown.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass  # already gone, or hung: kill below either way
-            finally:
-                ray.kill(worker)
+        """Shut the workers down (killed after a timeout) and free their placement group."""
+        kill_actors(self.workers)
         self.workers = []
+        remove(self._placement)
+        self._placement = None

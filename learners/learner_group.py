@@ -13,7 +13,10 @@ them. `update` gives each rank its rows of every mini-batch (`learners.policy.ra
 the ranks sum the loss divisors of each mini-batch over the group, so the sharded update equals
 the single-process one. Metrics are combined by the one table METRIC_REDUCTIONS.
 
-`ray.remote` is applied here, in `spawn_learner_rank`, so every actor option is in one place.
+The ranks live in one placement group of `learner.num_ranks` identical bundles (one per rank,
+`resources.cpus_per_learner` / `gpus_per_learner`, `resources.placement_strategy`; see
+spear_ray/placement.py), reserved before any rank starts. `ray.remote` is applied here, in
+`spawn_learner_rank`, so every actor option is in one place.
 """
 
 from __future__ import annotations
@@ -25,22 +28,32 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from learners.learner_rank import METRIC_REDUCTIONS, LearnerRank
 from learners.policy import PHASES, rank_rows
 from learners.weight_sync import DEFAULT_BUCKET_BYTES, BucketedWeights
 from spear_ray.containers import TrainBatch
-
-PLACEMENT_TIMEOUT_S = 120.0
+from spear_ray.placement import (
+    PLACEMENT_TIMEOUT_S,
+    PlacementError,
+    bundle_of,
+    in_bundle,
+    kill_actors,
+    remove,
+    reserve,
+)
 
 _REDUCERS = {"sum": sum, "max": max, "mean": lambda values: sum(values) / len(values)}
 
 
 class LearnerError(RuntimeError):
-    """A learner rank died or failed a call; the message names the rank."""
+    """A learner rank died or failed a call (the message names the rank), or the ranks could
+    not be placed (then also a PlacementError)."""
+
+
+class LearnerPlacementError(LearnerError, PlacementError):
+    """The cluster cannot place the learner ranks' placement group."""
 
 
 def reduce_metrics(
@@ -63,9 +76,7 @@ def spawn_learner_rank(config: Any, rank: int, world_size: int, group: Any, **op
     actor_cls = ray.remote(LearnerRank).options(
         num_cpus=res.cpus_per_learner,
         num_gpus=res.gpus_per_learner,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=group, placement_group_bundle_index=rank
-        ),
+        scheduling_strategy=in_bundle(group, rank),
         # A restarted rank could not rejoin its process group: the group is rebuilt instead.
         max_restarts=0,
         **options,
@@ -74,34 +85,49 @@ def spawn_learner_rank(config: Any, rank: int, world_size: int, group: Any, **op
 
 
 class LearnerGroup:
-    def __init__(self, config: Any, actor_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        config: Any,
+        actor_options: dict[str, Any] | None = None,
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    ):
         self.config = config
         self.num_ranks = config.learner.num_ranks
         res = config.resources
-        bundle = {"CPU": res.cpus_per_learner}
-        if res.gpus_per_learner > 0:
-            bundle["GPU"] = res.gpus_per_learner
-        self._placement = placement_group(
-            [dict(bundle) for _ in range(self.num_ranks)], strategy=res.placement_strategy
-        )
+        # One bundle per rank, all placed at once; the ranks' own node_info then finds the
+        # rendezvous and the local ranks wherever the strategy put them.
         try:
-            ray.get(self._placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self._placement)
-            raise LearnerError(
-                f"the cluster cannot place {self.num_ranks} learner ranks of {bundle} each "
-                f"({res.placement_strategy}) within {PLACEMENT_TIMEOUT_S:.0f} s; free resources "
-                f"or lower learner.num_ranks / resources.cpus_per_learner, gpus_per_learner"
-            ) from None
-        self.ranks = [
-            spawn_learner_rank(config, r, self.num_ranks, self._placement, **(actor_options or {}))
-            for r in range(self.num_ranks)
-        ]
+            self._placement = reserve(
+                bundle_of(res.cpus_per_learner, res.gpus_per_learner),
+                self.num_ranks,
+                strategy=res.placement_strategy,
+                what="learner ranks",
+                fields=(
+                    "learner.num_ranks",
+                    "resources.cpus_per_learner",
+                    "resources.gpus_per_learner",
+                ),
+                timeout_s=placement_timeout_s,
+            )
+        except PlacementError as err:
+            raise LearnerPlacementError(str(err)) from None
+        self.ranks: list[Any] = []
         try:
+            for r in range(self.num_ranks):
+                self.ranks.append(
+                    spawn_learner_rank(
+                        config, r, self.num_ranks, self._placement, **(actor_options or {})
+                    )
+                )
             self._setup()
         except BaseException:
             self.shutdown()
             raise
+
+    @property
+    def placement_group(self) -> Any:
+        """The ranks' placement group (bundle r holds rank r); None after shutdown."""
+        return self._placement
 
     def _setup(self) -> None:
         t0 = time.monotonic()
@@ -209,12 +235,8 @@ class LearnerGroup:
         return int(steps[0])
 
     def shutdown(self) -> None:
-        for actor in self.ranks:
-            try:
-                ray.get(actor.shutdown.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass  # already gone, or hung: killed below either way
-            finally:
-                ray.kill(actor)
+        """Shut the ranks down (killed after a timeout) and free their placement group."""
+        kill_actors(self.ranks)
         self.ranks = []
-        remove_placement_group(self._placement)
+        remove(self._placement)
+        self._placement = None

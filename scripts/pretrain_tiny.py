@@ -91,8 +91,10 @@ def main() -> None:
         "recipe": dataclasses.asdict(recipe),
         "params": sum(p.numel() for p in model.parameters()),
     }
-    if args.baseline:
-        report["random_init"] = rollout_success_rate(
+
+    def success_rate() -> dict:
+        """Success at temperature 1 on the eval seeds, of the model as it is now."""
+        return rollout_success_rate(
             model,
             tokenizer,
             args.env,
@@ -101,6 +103,9 @@ def main() -> None:
             max_tokens_per_turn=recipe.eval_max_tokens_per_turn,
             env_deps=deps,
         )
+
+    if args.baseline:
+        report["random_init"] = success_rate()
     t0, c0 = time.monotonic(), time.process_time()
     curve = report["turn_accuracy"] = {}
     if args.eval_every:
@@ -110,15 +115,7 @@ def main() -> None:
 
     def periodic(stage: str, step: int) -> None:
         if stage == "episodes" and args.success_every and step % args.success_every == 0:
-            stats = rollout_success_rate(
-                model,
-                tokenizer,
-                args.env,
-                options,
-                seeds,
-                max_tokens_per_turn=recipe.eval_max_tokens_per_turn,
-                env_deps=deps,
-            )
+            stats = success_rate()
             curve[f"success:{step}"] = stats["success_rate"]
             stderr_log(f"episodes step {step}: success rate {stats['success_rate']:.3f}")
         if args.eval_every and step % args.eval_every == 0:
@@ -129,15 +126,7 @@ def main() -> None:
     report.update(warm_start(model, tokenizer, recipe, args.seed, stderr_log, periodic))
     report["train_cpu_s"] = round(time.process_time() - c0, 1)
     t0 = time.monotonic()
-    report["sft"] = rollout_success_rate(
-        model,
-        tokenizer,
-        args.env,
-        options,
-        seeds,
-        max_tokens_per_turn=recipe.eval_max_tokens_per_turn,
-        env_deps=deps,
-    )
+    report["sft"] = success_rate()
     report["eval_s"] = round(time.monotonic() - t0, 1)
     print(json.dumps(report))
 

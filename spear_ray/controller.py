@@ -77,11 +77,20 @@ class Controller:
         self.pad_token_id = pad_token_id
         self.log = log
         self.weight_version = 0
-        self.learners = LearnerGroup(config)
+        # Rollout workers first: their engines start while the learner ranks set up.
         self.rollouts = RolloutGroup(config)
-        self.buffer = (
-            spawn_replay_buffer(config, run.buffer_dir) if config.algo.sil.enabled else None
-        )
+        self.learners: LearnerGroup | None = None
+        self.buffer = None
+        try:
+            self.learners = LearnerGroup(config)
+            if config.algo.sil.enabled:
+                self.buffer = spawn_replay_buffer(config, run.buffer_dir)
+            log("waiting for the rollout workers' engines to start")
+            # (so the engines' start-up is not timed as step 0's rollout phase)
+            self.rollouts.health()
+        except BaseException:
+            self.shutdown()
+            raise
         self._pending: PendingRollout | None = None
 
     # ------------------------------------------------------------------ the step
@@ -207,7 +216,8 @@ class Controller:
 
     def shutdown(self) -> None:
         self.rollouts.shutdown()
-        self.learners.shutdown()
+        if self.learners is not None:
+            self.learners.shutdown()
         if self.buffer is not None:
             ray.kill(self.buffer)
 

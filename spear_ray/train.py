@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 from spear_ray.config import SpearConfig
@@ -35,6 +36,8 @@ def _format(metrics: dict, keys: list[tuple[str, str, str]]) -> str:
     return "  ".join(parts)
 
 
+SUCCESS_WINDOW = 10  # one step's sampled success is noisy (few tasks): also show a running mean
+
 STEP_LINE = [
     ("reward/mean", "reward", "+.3f"),
     ("success_rate", "success", ".2f"),
@@ -42,7 +45,6 @@ STEP_LINE = [
     ("spear/replay_rows", "replayed", "d"),
     ("spear/w_sil", "w_sil", ".2f"),
     ("update/loss", "loss", "+.4f"),
-    ("time/step", "s/step", ".1f"),
 ]
 
 
@@ -93,13 +95,18 @@ def run_training(
         every = config.run.eval_every_steps
         if every and first == 0:
             evaluation = _evaluate(controller, run, step=0, log=log)
+        recent_success: deque[float] = deque(maxlen=SUCCESS_WINDOW)
         for t in range(first, config.run.total_steps):
             t0 = time.perf_counter()
             metrics = controller.step(t)
             run.log_metrics(metrics)
+            if metrics.get("success_rate") is not None:
+                recent_success.append(metrics["success_rate"])
             log(
                 f"step {t + 1}/{config.run.total_steps}  {_format(metrics, STEP_LINE)}"
-                f"  ({time.perf_counter() - t0:.1f}s)"
+                f"  (success over the last {len(recent_success)} steps "
+                f"{sum(recent_success) / max(len(recent_success), 1):.2f}; "
+                f"{time.perf_counter() - t0:.1f}s)"
             )
             done = t + 1 == config.run.total_steps
             if every and ((t + 1) % every == 0 or done):

@@ -196,15 +196,12 @@ def gigpo_advantages(
 
 
 def _grpo_estimator(
-    inputs: AdvantageInputs,
-    *,
-    norm_by_std: bool = False,
-    epsilon: float = 1e-6,
-    gamma: float = 0.95,
-    step_weight: float = 1.0,
+    inputs: AdvantageInputs, *, norm_by_std: bool = False, epsilon: float = 1e-6, **_: object
 ) -> Tensor:
-    """Registry adapter: GRPO per trajectory, repeated on each step when steps are given."""
-    del gamma, step_weight  # GRPO has no step term
+    """Registry adapter: GRPO per trajectory, repeated on each step when steps are given.
+
+    GRPO has no step term: `**_` takes the uniform call's gamma and step_weight, unused.
+    """
     adv = grpo_advantages(
         inputs.rewards,
         inputs.group_ids,

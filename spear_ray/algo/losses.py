@@ -97,17 +97,19 @@ def _ppo_terms(
     return loss, clipped, dual_clipped, ratio, log_ratio
 
 
-def _stats(
-    mask: Tensor,
-    ratio: Tensor,
-    log_ratio: Tensor,
+def _output(
+    loss: Tensor,
     clipped: Tensor,
     dual_clipped: Tensor,
     cov_selected: Tensor,
-) -> dict[str, Tensor]:
+    mask: Tensor,
+    ratio: Tensor,
+    log_ratio: Tensor,
+) -> PolicyLossOutput:
+    """The PolicyLossOutput of every policy loss: its tensors plus the stats computed from them."""
     with torch.no_grad():
         ratio, log_ratio = ratio.detach(), log_ratio.detach()
-        return {
+        stats = {
             "clip_frac": masked_mean(clipped.to(ratio.dtype), mask),
             "dual_clip_frac": masked_mean(dual_clipped.to(ratio.dtype), mask),
             "cov_frac": masked_mean(cov_selected.to(ratio.dtype), mask),
@@ -115,6 +117,7 @@ def _stats(
             "ppo_kl": masked_mean(-log_ratio, mask),
             "n_tokens": mask.bool().sum().to(ratio.dtype),
         }
+    return PolicyLossOutput(loss, clipped, dual_clipped, cov_selected, stats)
 
 
 def token_covariance(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
@@ -207,9 +210,7 @@ def ppo_clip_loss(
         logp, logp_old, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp
     )
     none = torch.zeros_like(mask)
-    return PolicyLossOutput(
-        loss, clipped, dual, none, _stats(mask, ratio, log_ratio, clipped, dual, none)
-    )
+    return _output(loss, clipped, dual, none, mask, ratio, log_ratio)
 
 
 def clip_cov_loss(
@@ -251,9 +252,7 @@ def clip_cov_loss(
         generator=generator,
     )
     loss = torch.where(selected, torch.zeros_like(loss), loss)
-    return PolicyLossOutput(
-        loss, clipped, dual, selected, _stats(mask, ratio, log_ratio, clipped, dual, selected)
-    )
+    return _output(loss, clipped, dual, selected, mask, ratio, log_ratio)
 
 
 def kl_cov_loss(
@@ -289,9 +288,7 @@ def kl_cov_loss(
     loss = -adv * ratio + torch.where(selected, kl_coef * log_ratio.abs(), torch.zeros_like(ratio))
     loss = torch.where(mask, loss, torch.zeros_like(loss))
     clipped = would_clip & ~selected
-    return PolicyLossOutput(
-        loss, clipped, dual, selected, _stats(mask, ratio, log_ratio, clipped, dual, selected)
-    )
+    return _output(loss, clipped, dual, selected, mask, ratio, log_ratio)
 
 
 PolicyLoss = Callable[..., PolicyLossOutput]

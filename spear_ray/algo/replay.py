@@ -163,40 +163,28 @@ def weighted_advantages(stored_advantages: Tensor, *, weight: float) -> Tensor:
 def _baseline_mode(
     *,
     rewards: Tensor,
-    stored_advantages: Tensor,
     mask: Tensor,
     hist_group_means: ArrayLike,
     hist_group_stds: ArrayLike | None,
     norm_by_std: bool,
     epsilon: float,
-    weight: float,
+    **_: object,
 ) -> Tensor:
-    del stored_advantages, weight
     adv = baseline_advantages(
         rewards, hist_group_means, hist_group_stds, norm_by_std=norm_by_std, epsilon=epsilon
     )
     return broadcast_to_tokens(adv, mask)
 
 
-def _weight_mode(
-    *,
-    rewards: Tensor,
-    stored_advantages: Tensor,
-    mask: Tensor,
-    hist_group_means: ArrayLike,
-    hist_group_stds: ArrayLike | None,
-    norm_by_std: bool,
-    epsilon: float,
-    weight: float,
-) -> Tensor:
-    del rewards, hist_group_means, hist_group_stds, norm_by_std, epsilon
+def _weight_mode(*, stored_advantages: Tensor, mask: Tensor, weight: float, **_: object) -> Tensor:
     adv = weighted_advantages(stored_advantages, weight=weight)
     return torch.where(mask.bool(), adv, torch.zeros_like(adv))
 
 
 # Keyed by the config's recalibration mode. Uniform keyword-only call returning [B, T] token
 # advantages (0 outside mask): fn(*, rewards [B], stored_advantages [B, T], mask [B, T],
-#   hist_group_means, hist_group_stds, norm_by_std, epsilon, weight).
+#   hist_group_means, hist_group_stds, norm_by_std, epsilon, weight). Each adapter names only
+# the arguments its mode uses; `**_` takes the rest (recalibrate_advantages names them all).
 RECALIBRATIONS: dict[str, Callable[..., Tensor]] = {
     "baseline": _baseline_mode,
     "weight": _weight_mode,

@@ -143,8 +143,13 @@ class VLLMEngine:
                 "enable_chunked_prefill": False,
                 "max_num_batched_tokens": max(max_model_len, 2048),
             }
-        else:
+        else:  # NOT RUN HERE (no GPU on these machines)
             device_args = {"gpu_memory_utilization": gpu_memory_utilization}
+            if tensor_parallel_size > 1:
+                # Inside a Ray placement group vLLM picks its Ray executor for TP > 1, which
+                # wants one 1-GPU bundle per TP rank; our rollout worker holds all its TP GPUs in
+                # one bundle (actors/rollout_group.py), so its TP processes are vLLM's own.
+                device_args["distributed_executor_backend"] = "mp"
         args = EngineArgs(
             model=str(model_path),
             tokenizer=str(tokenizer_path) if tokenizer_path is not None else None,

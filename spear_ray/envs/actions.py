@@ -11,7 +11,9 @@ Every env uses the same rule, configured by two option fields:
 
 An env then checks the extracted text against its own action vocabulary; anything that does
 not parse is an invalid action (flagged in `EnvInfo.invalid_action`, penalised by the caller; the
-episode goes on and the turn counts).
+episode goes on and the turn counts). The grid envs (frozenlake, sokoban) share one vocabulary,
+`GRID_MOVES`, read by `parse_grid_move`; every env with an action tag stops generation at its
+closing tag (`StopAtActionTag`).
 """
 
 from __future__ import annotations
@@ -78,3 +80,32 @@ class TurnOptions(BaseModel):
     include_instructions: bool = Field(
         True, description="Start the first observation with the task rules and the action format."
     )
+
+
+class StopAtActionTag:
+    """Base of the envs whose turn is complete at the closing action tag."""
+
+    options: TurnOptions
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Generation stops right after the closing action tag (the turn is complete)."""
+        return (f"</{self.options.action_tag}>",)
+
+
+GRID_MOVES: dict[str, tuple[int, int]] = {
+    "up": (-1, 0),
+    "down": (1, 0),
+    "left": (0, -1),
+    "right": (0, 1),
+}
+_GRID_ALIASES = {"u": "up", "d": "down", "l": "left", "r": "right"}
+
+
+def parse_grid_move(word: str | None) -> str | None:
+    """'Up', 'U' or 'up.' -> 'up' (case and surrounding periods ignored); None if not a move."""
+    if not word:
+        return None
+    word = word.strip().strip(".").lower()
+    word = _GRID_ALIASES.get(word, word)
+    return word if word in GRID_MOVES else None

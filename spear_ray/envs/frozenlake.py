@@ -19,15 +19,20 @@ from collections import deque
 
 from pydantic import Field, model_validator
 
-from spear_ray.envs.actions import TurnOptions, extract_action, format_hint
+from spear_ray.envs.actions import (
+    GRID_MOVES,
+    StopAtActionTag,
+    TurnOptions,
+    extract_action,
+    format_hint,
+    parse_grid_move,
+)
 from spear_ray.envs.base import EnvError, EnvInfo, StepResult
 
 ENV_NAME = "frozenlake"
 DESCRIPTION = "FrozenLake grid walk as text; seeded solvable maps, optional slipping; goal = +1."
 
 Pos = tuple[int, int]
-MOVES: dict[str, Pos] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
-ALIASES = {"u": "up", "d": "down", "l": "left", "r": "right"}
 _SIDEWAYS = {
     "up": ("left", "right"),
     "down": ("left", "right"),
@@ -78,7 +83,7 @@ def shortest_path(size: int, holes: frozenset[Pos], start: Pos, goal: Pos) -> li
                 p, move = parent[p]
                 path.append(move)
             return path[::-1]
-        for move, (dr, dc) in MOVES.items():
+        for move, (dr, dc) in GRID_MOVES.items():
             q = (p[0] + dr, p[1] + dc)
             if 0 <= q[0] < size and 0 <= q[1] < size and q not in holes and q not in parent:
                 parent[q] = (p, move)
@@ -105,21 +110,8 @@ def generate_map(
     raise EnvError(f"frozenlake: no solvable map for seed {seed} (size {size}, p={hole_prob})")
 
 
-def parse_move(action: str | None) -> str | None:
-    if not action:
-        return None
-    word = action.strip().strip(".").lower()
-    word = ALIASES.get(word, word)
-    return word if word in MOVES else None
-
-
-class FrozenLakeEnv:
+class FrozenLakeEnv(StopAtActionTag):
     """FrozenLake as a multi-turn text env; `reset(seed)` picks the map."""
-
-    @property
-    def stop_strings(self) -> tuple[str, ...]:
-        """Generation stops right after the closing action tag (the turn is complete)."""
-        return (f"</{self.options.action_tag}>",)
 
     def __init__(self, options: FrozenLakeOptions | None = None):
         self.options = options or FrozenLakeOptions()
@@ -178,11 +170,11 @@ class FrozenLakeEnv:
         o = self.options
         self.turns += 1
         action = extract_action(action_text, o.action_tag, o.action_fallback)
-        move = parse_move(action)
+        move = parse_grid_move(action)
         if move is not None:
             if o.slip_prob > 0 and self._rng.random() < o.slip_prob:
                 move = self._rng.choice(_SIDEWAYS[move])
-            dr, dc = MOVES[move]
+            dr, dc = GRID_MOVES[move]
             r, c = self.player[0] + dr, self.player[1] + dc
             if 0 <= r < o.size and 0 <= c < o.size:
                 self.player = (r, c)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from spear_ray.envs.actions import TurnOptions, extract_action, format_hint
+from spear_ray.envs.actions import StopAtActionTag, TurnOptions, extract_action, format_hint
 from spear_ray.envs.base import EnvError, EnvInfo, StepResult
 
 ENV_NAME = "gym"
@@ -100,13 +100,8 @@ def build_gym_env(o: GymOptions) -> Any:
     raise ValueError(f"gym env_id {o.env_id!r} is not registered in {where}")
 
 
-class GymTextEnv:
+class GymTextEnv(StopAtActionTag):
     """Wraps one gymnasium.Env; `reset(seed)` calls `env.reset(seed=seed)`."""
-
-    @property
-    def stop_strings(self) -> tuple[str, ...]:
-        """Generation stops right after the closing action tag (the turn is complete)."""
-        return (f"</{self.options.action_tag}>",)
 
     def __init__(self, options: GymOptions, env: Any | None = None):
         self.options = options

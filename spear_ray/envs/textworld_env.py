@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from spear_ray.envs.actions import TurnOptions, extract_action, format_hint
+from spear_ray.envs.actions import StopAtActionTag, TurnOptions, extract_action, format_hint
 from spear_ray.envs.base import EnvError, EnvInfo, StepResult
 
 ENV_NAME = "textworld"
@@ -246,13 +246,8 @@ def clean_feedback(text: str) -> str:
     return text.strip()
 
 
-class TextWorldEnv:
+class TextWorldEnv(StopAtActionTag):
     """A TextWorld cooking game as a multi-turn text env."""
-
-    @property
-    def stop_strings(self) -> tuple[str, ...]:
-        """Generation stops right after the closing action tag (the turn is complete)."""
-        return (f"</{self.options.action_tag}>",)
 
     def __init__(self, options: TextWorldOptions | None = None, eval_seed_start: int = 1_000_000):
         self.options = options or TextWorldOptions()

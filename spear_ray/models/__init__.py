@@ -7,12 +7,14 @@ when something is built or loaded, so `import spear_ray.models` stays fast.
     load_tokenizer(ensure_tokenizer()) -> the project tokenizer (ChatML, eos <|im_end|>)
 
 Modules: tokenizer.py (the tokenizer), tiny.py (presets, builtins, cache), demos.py (oracle
-demonstrations), sft.py (tokenising chats with a loss mask, training, a sampling evaluation).
+demonstrations), sft.py (tokenising chats with a loss mask, training, a sampling evaluation),
+smollm2.py (builtin:smollm2-135m: SmolLM2-135M-Instruct converted from a GGUF).
 """
 
 from spear_ray.models.tiny import (
     BUILTINS,
     PRESETS,
+    PRETRAINED,
     ModelPathError,
     build_model,
     builtin_dir,
@@ -26,6 +28,7 @@ from spear_ray.models.tiny import (
 __all__ = [
     "BUILTINS",
     "PRESETS",
+    "PRETRAINED",
     "ModelPathError",
     "build_model",
     "builtin_dir",

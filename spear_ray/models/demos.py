@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -121,6 +121,31 @@ def _at(symbol: str, pos: tuple[int, int]) -> str:
     return f"{symbol}{pos[0]},{pos[1]}"
 
 
+def _grid_demo(
+    env_name: str,
+    env_seed: int,
+    options: dict,
+    noise: float,
+    rng: random.Random,
+    think: bool,
+    look: Callable[[Any], tuple[list[str] | None, list[str]]],
+) -> Demo:
+    """The grid envs' oracle: `look(env) -> (plan, things)` gives the moves left to the goal (or
+    None) and the positions the think note lists; with probability `noise` the turn is a mistake."""
+    env = make_env(env_name, options)
+    obs = env.reset(env_seed)
+    tag = env.options.action_tag
+
+    def choose(env) -> str:
+        plan, things = look(env)
+        note = " ".join(things) + " " if think else ""
+        if not plan or rng.random() < noise:
+            return note + _noisy_move(rng, tag)
+        return note + action_message(plan[0].capitalize(), tag)
+
+    return _play(env_name, env, obs, env_seed, choose)
+
+
 def frozenlake_demo(
     env_seed: int,
     options: dict,
@@ -129,18 +154,11 @@ def frozenlake_demo(
     sandbox: Any = None,
     think: bool = True,
 ) -> Demo:
-    env = make_env("frozenlake", options)
-    obs = env.reset(env_seed)
-    tag = env.options.action_tag
-
-    def choose(env) -> str:
-        note = f"{_at('P', env.player)} {_at('G', env.goal)} " if think else ""
+    def look(env) -> tuple[list[str] | None, list[str]]:
         plan = shortest_path(env.options.size, env.holes, env.player, env.goal)
-        if not plan or rng.random() < noise:
-            return note + _noisy_move(rng, tag)
-        return note + action_message(plan[0].capitalize(), tag)
+        return plan, [_at("P", env.player), _at("G", env.goal)]
 
-    return _play("frozenlake", env, obs, env_seed, choose)
+    return _grid_demo("frozenlake", env_seed, options, noise, rng, think, look)
 
 
 def sokoban_demo(
@@ -151,28 +169,19 @@ def sokoban_demo(
     sandbox: Any = None,
     think: bool = True,
 ) -> Demo:
-    env = make_env("sokoban", options)
-    obs = env.reset(env_seed)
-    tag = env.options.action_tag
     cache: dict[tuple, list[str] | None] = {}
 
-    def choose(env) -> str:
+    def look(env) -> tuple[list[str] | None, list[str]]:
         key = (env.boxes, env.player)
         if key not in cache:
             state = dataclasses.replace(env.level, boxes=env.boxes, player=env.player)
             cache[key] = sokoban_solve(state, max_states=20_000)
-        plan = cache[key]
-        note = ""
-        if think:
-            things = [_at("P", env.player)]
-            things += [_at("X", b) for b in sorted(env.boxes)]
-            things += [_at("O", t) for t in sorted(env.level.targets)]
-            note = " ".join(things) + " "
-        if not plan or rng.random() < noise:
-            return note + _noisy_move(rng, tag)
-        return note + action_message(plan[0].capitalize(), tag)
+        things = [_at("P", env.player)]
+        things += [_at("X", b) for b in sorted(env.boxes)]
+        things += [_at("O", t) for t in sorted(env.level.targets)]
+        return cache[key], things
 
-    return _play("sokoban", env, obs, env_seed, choose)
+    return _grid_demo("sokoban", env_seed, options, noise, rng, think, look)
 
 
 # ---------------------------------------------------------------- python_math

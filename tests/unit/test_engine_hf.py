@@ -15,6 +15,7 @@ import torch
 
 from spear_ray.engines.base import SamplingSpec
 from spear_ray.engines.hf_engine import HFEngine
+from spear_ray.models.tiny import ModelSize, random_llama
 
 VOCAB = 512
 BOS, EOS = 1, 2
@@ -23,7 +24,7 @@ BOS, EOS = 1, 2
 def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> Path:
     """A random Llama (hidden 64, 2 layers, head_dim 32: vLLM's CPU attention needs >= 32)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
     vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS}
@@ -37,21 +38,16 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0) -> Path:
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     ).save_pretrained(out_dir)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
+    model = random_llama(
+        ModelSize(64, 2, 2, 1, 128, max_position_embeddings=1024),
+        VOCAB,
+        seed,
         bos_token_id=BOS,
         eos_token_id=EOS,
         tie_word_embeddings=False,
         initializer_range=0.2,  # peaked next-token distributions: no near-ties in greedy tests
     )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
     return out_dir
 
 

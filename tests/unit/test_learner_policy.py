@@ -25,27 +25,16 @@ from learners.policy import (
 from spear_ray.algo.losses import LOSS_AGGREGATIONS, loss_divisors
 from spear_ray.config.schema import CovConfig, PolicyLossConfig
 from spear_ray.containers import TrainBatch
+from spear_ray.models.tiny import ModelSize, random_llama
 
 F64 = torch.float64
 VOCAB = 23
 
 
 def tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(F64).eval()
+    """A random float64 Llama, hidden 16 x 2 layers (tied embeddings)."""
+    size = ModelSize(16, 2, 2, 2, 32, max_position_embeddings=64)
+    return random_llama(size, VOCAB, seed, pad_token_id=0).to(F64).eval()
 
 
 def make_batch(seed: int, lengths: list[int], width: int | None = None) -> TrainBatch:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import shutil
 import socket
 import threading
 import time
@@ -20,10 +19,7 @@ import pytest
 
 from spear_ray.sandbox import SandboxClient, SandboxConfig
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("bwrap") is None or os.geteuid() != 0,
-    reason="needs bubblewrap (apt-get install -y bubblewrap) and root for the per-call uid",
-)
+pytestmark = pytest.mark.sandbox  # skipped without bubblewrap and root
 
 CFG = SandboxConfig(
     timeout_s=10,

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +21,7 @@ import pytest
 
 from spear_ray.sandbox import ExecResult, SandboxClient, SandboxConfig, SandboxUnavailableError
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("bwrap") is None or os.geteuid() != 0,
-    reason="needs bubblewrap (apt-get install -y bubblewrap) and root for the per-call uid",
-)
+pytestmark = pytest.mark.sandbox  # skipped without bubblewrap and root
 
 CFG = SandboxConfig(
     timeout_s=10,

@@ -1,0 +1,122 @@
+"""Ray placement groups built from the `resources` config, and the shared actor teardown.
+
+    bundle = bundle_of(cpus=res.cpus_per_learner, gpus=res.gpus_per_learner)
+    group = reserve(bundle, num_ranks, strategy=res.placement_strategy, what="learner ranks",
+                    fields=("learner.num_ranks", "resources.cpus_per_learner", ...))
+    actor = ray.remote(Cls).options(num_cpus=..., scheduling_strategy=in_bundle(group, i))
+    ...
+    kill_actors(actors)
+    remove(group)
+
+A group of N identical bundles is reserved all at once (Ray places a group atomically), so a
+LearnerGroup or RolloutGroup either gets every bundle or fails with one line: what could not be
+placed, what the cluster has, and which config fields to change. There is no feasibility check
+before waiting: on an autoscaling cluster a request bigger than today's nodes is what makes new
+nodes start, so only the timeout decides.
+
+Ray is imported here although spear_ray/ is otherwise Ray-free outside the controller and CLI:
+this module is used only by the actor groups (actors/, learners/), never by `import spear_ray`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+PLACEMENT_TIMEOUT_S = 120.0  # how long a group may wait for resources (or for nodes to start)
+SHUTDOWN_TIMEOUT_S = 30.0  # how long kill_actors waits for the actors' own shutdown()
+
+
+class PlacementError(RuntimeError):
+    """A placement group could not be placed; the one-line message says what was asked for,
+    what the cluster has and which config fields to change."""
+
+
+def bundle_of(cpus: float, gpus: float = 0.0) -> dict[str, float]:
+    """One bundle: {"CPU": cpus}, plus {"GPU": gpus} when gpus > 0 (a zero-GPU entry would be
+    an error in Ray)."""
+    bundle = {"CPU": float(cpus)}
+    if gpus > 0:
+        bundle["GPU"] = float(gpus)
+    return bundle
+
+
+def _amounts(resources: Mapping[str, float], keys: Iterable[str]) -> str:
+    return "{" + ", ".join(f"{key}: {resources.get(key, 0.0):g}" for key in keys) + "}"
+
+
+def reserve(
+    bundle: Mapping[str, float],
+    count: int,
+    *,
+    strategy: str = "PACK",
+    what: str = "bundles",
+    fields: Sequence[str] = (),
+    timeout_s: float = PLACEMENT_TIMEOUT_S,
+    name: str = "",
+) -> PlacementGroup:
+    """Reserve a placement group of `count` copies of `bundle` and wait until it is placed.
+
+    `what` names the N things placed ("learner ranks"), `fields` the config fields that set
+    them; both go into the PlacementError raised when the group is not placed within
+    `timeout_s` (the pending group is removed first, so nothing stays reserved)."""
+    if count < 1:
+        raise ValueError(f"reserve: count must be at least 1, got {count}")
+    group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy, name=name)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        keys = sorted({"CPU", "GPU", *bundle})
+        total, free = ray.cluster_resources(), ray.available_resources()
+        remove_placement_group(group)
+        change = ", ".join(fields) if fields else "the resources asked for"
+        asked = _amounts(bundle, bundle)
+        raise PlacementError(
+            f"cannot place {count} {what} within {timeout_s:g} s: {asked} x {count} "
+            f"({strategy}); the cluster has {_amounts(total, keys)} in total, "
+            f"{_amounts(free, keys)} available; lower {change}, change "
+            f"resources.placement_strategy, or add nodes"
+        ) from None
+    return group
+
+
+def in_bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    """The scheduling strategy that puts an actor into bundle `index` of `group`. Tasks and
+    actors the actor starts itself are not captured into the group (their resources are not in
+    its bundle)."""
+    return PlacementGroupSchedulingStrategy(
+        placement_group=group, placement_group_bundle_index=index
+    )
+
+
+def remove(group: PlacementGroup | None) -> None:
+    """Remove a placement group (its resources are free again); None or an already removed
+    group is fine."""
+    if group is None:
+        return
+    with contextlib.suppress(Exception):  # removed already, or Ray is shut down
+        remove_placement_group(group)
+
+
+def kill_actors(actors: Sequence[Any], timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Ask every actor to `shutdown()` (all at once, so one hung actor costs `timeout_s` in all,
+    not each), then `ray.kill` every one of them. Dead or hung actors, failing `shutdown`s and
+    actors without a `shutdown` method are tolerated: they are killed all the same."""
+    refs = []
+    for actor in actors:
+        with contextlib.suppress(AttributeError):  # no shutdown method: just killed below
+            refs.append(actor.shutdown.remote())
+    deadline = time.monotonic() + timeout_s
+    for ref in refs:
+        # died, hung (GetTimeoutError) or its shutdown raised: killed below either way
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+    for actor in actors:
+        with contextlib.suppress(ValueError):  # not an actor handle
+            ray.kill(actor)
