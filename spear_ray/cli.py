@@ -5,6 +5,8 @@
     spear-ray config presets                                 list the shipped presets
     spear-ray train [--config NAME|FILE] [dotted.key=value ...] [--address ADDR]
     spear-ray train --resume RUN_DIR                         continue a run from its checkpoint
+    spear-ray experiment SPEC.yaml [--out DIR] [--dry-run | --summary-only] [--keep-going]
+    spear-ray plot RUN_DIR... [--out PNG] [--window N]        learning curves of runs, overlaid
 
 Bad input exits with status 2 and one line naming the file, YAML line, override or field.
 """
@@ -49,6 +51,52 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint",
     )
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="run a grid of variants x seeds x envs (resumable), then summarise it",
+        description="Run every unfinished run of SPEC.yaml's grid one after another (finished "
+        "runs are skipped, partial ones resumed), then write summary.json, summary.md and "
+        "plots/*.png into the experiment directory.",
+    )
+    experiment.add_argument("spec", metavar="SPEC.yaml", help="the experiment spec")
+    experiment.add_argument(
+        "--out", default=None, metavar="DIR", help="experiment directory (default: the spec's)"
+    )
+    experiment.add_argument(
+        "--address", default=None, help="Ray address to join (default: start a local Ray)"
+    )
+    only = experiment.add_mutually_exclusive_group()
+    only.add_argument(
+        "--dry-run", action="store_true", help="list the runs and their state; run nothing"
+    )
+    only.add_argument(
+        "--summary-only", action="store_true", help="write the summary of what has run so far"
+    )
+    experiment.add_argument(
+        "--keep-going", action="store_true", help="go on with the next run when one fails"
+    )
+
+    plot = commands.add_parser(
+        "plot",
+        help="write PNG learning curves of one or several runs",
+        description="Eval success, train success and task reward vs step, one curve per run. "
+        "A directory without metrics.jsonl stands for every run directory below it.",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run (or experiment) dirs")
+    plot.add_argument(
+        "--out",
+        default=None,
+        metavar="PNG",
+        help="output file (default: RUN_DIR/curves.png for one run, ./curves.png for several)",
+    )
+    plot.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="moving-average window of the train curves (default: 10%% of the steps)",
+    )
     return parser
 
 
@@ -72,6 +120,37 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_command(args: argparse.Namespace) -> int:
+    from spear_ray.experiments import ExperimentError, load_spec, plan_runs, run_experiment
+    from spear_ray.experiments.summary import write_summary
+
+    spec = load_spec(args.spec)
+    root = args.out or spec.default_output_dir()
+    if args.dry_run:
+        plan = plan_runs(spec, root)
+        for i, planned in enumerate(plan, 1):
+            print(f"[{i}/{len(plan)}] {planned.run.label}: {planned.state}  ({planned.path})")
+        return 0
+    if args.summary_only:
+        write_summary(spec, root)
+        return 0
+    try:
+        run_experiment(spec, root, address=args.address, keep_going=args.keep_going)
+    except ExperimentError as err:
+        print(f"spear-ray: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plot_command(args: argparse.Namespace) -> int:
+    from spear_ray.plots import plot_runs
+
+    if args.window is not None and args.window < 1:
+        raise ConfigError(f"--window: expected a number of steps >= 1, got {args.window}")
+    print(plot_runs(args.runs, args.out, window=args.window))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -79,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             return _config_command(args)
         if args.command == "train":
             return _train_command(args)
+        if args.command == "experiment":
+            return _experiment_command(args)
+        if args.command == "plot":
+            return _plot_command(args)
     except ConfigError as err:
         print(f"spear-ray: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -27,6 +27,7 @@ from spear_ray.agent.loop import Task
 from spear_ray.algo import sil_weight
 from spear_ray.algo.curriculum import TOOL_REWARD_SCHEDULES
 from spear_ray.config import SpearConfig
+from spear_ray.config.schema import train_seed_range
 from spear_ray.containers import Trajectory
 from spear_ray.experience import process_step
 from spear_ray.run_dir import RunDir
@@ -48,9 +49,10 @@ class Phases:
 
 
 def tasks_for_step(config: SpearConfig, step: int) -> list[Task]:
-    """The step's prompts: a deterministic function of the step (so resuming needs no state)."""
+    """The step's prompts: a deterministic function of run.seed and the step (so resuming needs
+    no state); each run seed has its own stream of env seeds (see train_seed_range)."""
     n = config.rollout.prompts_per_step
-    first = config.env.train_seed_start + step * n
+    first = train_seed_range(config)[0] + step * n
     return [
         Task(
             f"s{step}-g{g}",

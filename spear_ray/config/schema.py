@@ -406,11 +406,27 @@ class RunConfig(Section):
     name: str = Field("spear", description="Run name; the run directory is runs_dir/name.")
     runs_dir: str = Field("runs", description="Parent directory (local path or URI) of run dirs.")
     total_steps: int = Field(200, ge=1, description="Training steps.")
-    seed: int = Field(0, description="Global seed (task stream, sampling, Clip-Cov draws).")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Global seed: the training task stream (env seeds from "
+        "env.train_seed_start + seed x 100000), sampling, Clip-Cov and replay draws.",
+    )
     eval_every_steps: int = Field(10, ge=0, description="Evaluate every N steps (0 = never).")
 
 
 # ----------------------------------------------------------------------------- root
+
+# Each run.seed trains on its own stream of env seeds (so seeds of an experiment see different
+# tasks): run seed s, step t, group g plays env seed
+#     env.train_seed_start + s * TASK_STREAM_STRIDE + t * rollout.prompts_per_step + g.
+TASK_STREAM_STRIDE = 100_000
+
+
+def train_seed_range(config: SpearConfig) -> tuple[int, int]:
+    """[first, end) of the env seeds a run trains on."""
+    first = config.env.train_seed_start + config.run.seed * TASK_STREAM_STRIDE
+    return first, first + config.rollout.prompts_per_step * config.run.total_steps
 
 
 class SpearConfig(Section):
@@ -436,15 +452,21 @@ class SpearConfig(Section):
 
     @model_validator(mode="after")
     def _check_eval_seeds_held_out(self) -> SpearConfig:
-        train_first = self.env.train_seed_start
-        train_end = train_first + self.rollout.prompts_per_step * self.run.total_steps
-        eval_first = self.env.eval_seed_start
-        eval_end = eval_first + self.env.eval_tasks
-        if eval_first < train_end and train_first < eval_end:
+        first, end = train_seed_range(self)
+        n = self.rollout.prompts_per_step * self.run.total_steps
+        if n > TASK_STREAM_STRIDE:
             raise ValueError(
-                f"env.eval_seed_start: evaluation seeds [{eval_first}, {eval_end}) overlap the "
-                f"training seeds [{train_first}, {train_end}); move env.eval_seed_start to "
-                f"{train_end} or above"
+                f"run.total_steps: {self.run.total_steps} steps x {self.rollout.prompts_per_step} "
+                f"prompts = {n} training tasks, more than one run seed's task stream holds "
+                f"({TASK_STREAM_STRIDE}); use fewer steps or prompts per step"
+            )
+        # Every training seed below the held-out ones: an env may treat all seeds from
+        # eval_seed_start on as its eval set (textworld does), not just the first eval_tasks.
+        if end > self.env.eval_seed_start:
+            raise ValueError(
+                f"env.eval_seed_start: held-out seeds start at {self.env.eval_seed_start} but "
+                f"training (run.seed {self.run.seed}) uses env seeds [{first}, {end}), which "
+                f"overlap them; move env.eval_seed_start to {end} or above"
             )
         return self
 

@@ -1,0 +1,604 @@
+"""The experiment runner without Ray: the variant table, spec validation, the summary math on
+synthetic metrics.jsonl files, the plots, and the skip/resume decision on fake run directories
+(with a fake trainer standing in for `run_training`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spear_ray.cli import main
+from spear_ray.config import SpearConfig, load_config
+from spear_ray.experiments import (
+    SpecError,
+    load_spec,
+    parse_spec,
+    plan_runs,
+    run_experiment,
+    run_state,
+)
+from spear_ray.experiments.summary import summarize_env
+from spear_ray.experiments.variants import (
+    VARIANT_KEYS,
+    VARIANTS,
+    dotted_overrides,
+    variant_values,
+)
+from spear_ray.plots import (
+    moving_average,
+    normalized_auc,
+    plot_curves,
+    plot_runs,
+    read_curves,
+    seed_band,
+    smoothing_window,
+)
+from spear_ray.run_dir import RunDir
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "experiments"
+
+
+def _get(config: SpearConfig, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# ----------------------------------------------------------------------------- the variant table
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_loads_on_the_demo_preset_and_sets_its_values(name):
+    config = load_config("demo", dotted_overrides(name))
+    for key, value in variant_values(name).items():
+        assert _get(config, key) == value, key
+
+
+def test_every_variant_sets_the_same_keys():
+    # so no variant inherits an algorithm choice from the base preset
+    for name in VARIANTS:
+        assert tuple(variant_values(name)) == VARIANT_KEYS, name
+
+
+def test_full_spear_is_the_schemas_released_default():
+    defaults = load_config(None)  # every field at SPEAR's released (Dr.BoT + SPEAR) default
+    for key, value in variant_values("drbot_spear").items():
+        assert _get(defaults, key) == value, key
+
+
+def _diff(a: str, b: str) -> dict[str, tuple]:
+    va, vb = variant_values(a), variant_values(b)
+    return {k: (va[k], vb[k]) for k in VARIANT_KEYS if va[k] != vb[k]}
+
+
+def test_each_ablation_turns_off_exactly_one_piece_of_spear():
+    assert _diff("drbot_spear", "drbot_spear_no_sil") == {"algo.sil.enabled": (True, False)}
+    assert _diff("drbot_spear", "drbot_spear_no_recalibration") == {
+        "buffer.recalibration": ("baseline", "weight")
+    }
+    assert _diff("drbot_spear", "drbot_spear_no_tool_curriculum") == {
+        "algo.tool_reward.enabled": (True, False)
+    }
+    assert _diff("drbot_spear", "drbot_spear_no_clip_cov") == {
+        "algo.policy_loss.on_policy_cov.mode": ("clip-cov", "none"),
+        "algo.policy_loss.replay_cov.mode": ("clip-cov", "none"),
+    }
+
+
+def test_grpo_drbot_and_gigpo_differ_where_spear_md_says():
+    grpo, drbot = variant_values("grpo"), variant_values("drbot")
+    assert grpo["algo.advantage.norm_by_std"] and not drbot["algo.advantage.norm_by_std"]
+    assert (grpo["algo.policy_loss.clip_low"], grpo["algo.policy_loss.clip_high"]) == (0.2, 0.2)
+    assert drbot["algo.policy_loss.clip_high"] == 0.28
+    assert grpo["algo.policy_loss.aggregation"] == "token-mean"
+    assert drbot["algo.policy_loss.aggregation"] == "seq-mean-token-sum-norm"
+    assert grpo["algo.filters.group_keep_ratio"] == 1.0
+    assert drbot["algo.filters.group_keep_ratio"] == 0.75
+    for name in ("grpo", "drbot", "gigpo"):  # no SPEAR piece in a baseline
+        values = variant_values(name)
+        assert not values["algo.sil.enabled"] and not values["algo.tool_reward.enabled"]
+        assert values["algo.policy_loss.on_policy_cov.mode"] == "none"
+    assert _diff("grpo", "gigpo") == {"algo.advantage.estimator": ("grpo", "gigpo")}
+    assert _diff("gigpo", "gigpo_spear") == _diff("grpo", "grpo_spear")
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+def _spec_dict(**changes):
+    data = {
+        "base": "demo",
+        "steps": 3,
+        "seeds": [0, 1],
+        "envs": [{"name": "frozenlake", "overrides": {"model.path": "builtin:tiny-random"}}],
+        "variants": ["grpo", "drbot_spear"],
+    }
+    data.update(changes)
+    return data
+
+
+def _error(data) -> str:
+    with pytest.raises(SpecError) as err:
+        parse_spec(data).check()
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_good_spec_expands_to_env_seed_variant_runs():
+    spec = parse_spec(
+        _spec_dict(
+            envs=["frozenlake", {"name": "lake8", "env": "frozenlake"}],
+            variants=[
+                "grpo",
+                {
+                    "name": "spear_half",
+                    "variant": "drbot_spear",
+                    "overrides": ["algo.sil.coef=0.5"],
+                },
+                {"name": "gigpo", "envs": ["lake8"]},
+            ],
+        )
+    )
+    spec.check()
+    assert spec.baseline == "grpo"
+    assert [r.label for r in spec.runs()] == [
+        "frozenlake/grpo/seed0",
+        "frozenlake/spear_half/seed0",
+        "frozenlake/grpo/seed1",
+        "frozenlake/spear_half/seed1",
+        "lake8/grpo/seed0",
+        "lake8/spear_half/seed0",
+        "lake8/gigpo/seed0",
+        "lake8/grpo/seed1",
+        "lake8/spear_half/seed1",
+        "lake8/gigpo/seed1",
+    ]
+    run = spec.runs()[3]
+    config = run.config("out", spec.steps)
+    assert run.path("out") == Path("out/frozenlake/spear_half/seed1")
+    assert Path(config.run.runs_dir) / config.run.name == run.path("out")
+    assert (config.run.total_steps, config.run.seed) == (3, 1)
+    assert config.algo.sil.coef == 0.5  # the variant's own override wins over the table
+    assert config.algo.sil.enabled and config.algo.policy_loss.clip_high == 0.28
+
+
+def test_every_variant_of_an_env_has_the_same_sample_budget():
+    spec = parse_spec(
+        _spec_dict(
+            overrides={"rollout.prompts_per_step": 4},
+            variants=list(VARIANTS),
+        )
+    )
+    budgets = {
+        r.config("out", spec.steps).rollout.samples_per_step * spec.steps for r in spec.runs()
+    }
+    assert budgets == {3 * 4 * 4}
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"variants": ["grpo", "spear"]}, "unknown variant 'spear'; known variants: grpo, drbot,"),
+        ({"variants": [{"name": "x", "variant": "nope"}]}, "variants.0.variant: unknown variant"),
+        ({"stepz": 3}, "stepz: unknown field; known fields here: name, description, base"),
+        ({"steps": 0}, "steps: expected a whole number of training steps >= 1, got 0"),
+        ({"steps": None}, "steps: expected a whole number"),
+        ({"seeds": [0, 0]}, "seeds: seeds repeat: [0, 0]"),
+        ({"seeds": "abc"}, "seeds: expected a list of integer seeds or a count"),
+        ({"baseline": "gigpo"}, "baseline: 'gigpo' is not one of this experiment's variants"),
+        ({"overrides": ["run.seed=3"]}, "'run.seed' is set by the experiment runner"),
+        ({"overrides": {"run": {"total_steps": 9}}}, "'run' is set by the experiment runner"),
+        (
+            {"variants": [{"name": "grpo", "overrides": {"rollout.samples_per_prompt": 8}}]},
+            "variants.0.overrides: 'rollout.samples_per_prompt' would change the sample budget",
+        ),
+        (
+            {"variants": [{"name": "gigpo", "envs": ["textworld"]}]},
+            "variants.0.envs: 'textworld' is not one of this experiment's envs: frozenlake",
+        ),
+        ({"envs": [{"name": "x", "env": "chess"}]}, "envs.0.env: unknown env 'chess'; known envs"),
+        ({"envs": ["frozenlake", "frozenlake"]}, "envs: env names repeat"),
+        ({"envs": [{"name": "a b"}]}, "envs.0.name: expected a name of letters"),
+        ({"envs": []}, "envs: expected a non-empty list"),
+        ({"variants": ["grpo", "grpo"]}, "variants: variant names repeat"),
+        ({"overrides": "algo.sil.coef=1"}, "overrides: expected a mapping"),
+        (
+            {"variants": [{"name": "grpo", "overrides": {"algo.sil.coeff": 0.5}}]},
+            "env 'frozenlake', variant 'grpo': override 'algo.sil.coeff=0.5': algo.sil.coeff: "
+            "unknown field",
+        ),
+        ({"base": "no-such-preset"}, "'no-such-preset' is neither a config file nor a preset"),
+    ],
+)
+def test_spec_errors_are_one_clear_line(changes, expected):
+    assert expected in _error(_spec_dict(**changes))
+
+
+def test_missing_fields_are_named():
+    data = _spec_dict()
+    del data["steps"]
+    assert _error(data) == "steps: missing; an experiment needs steps:, envs: and variants:"
+    assert "top level must be a mapping" in _error([1, 2])
+
+
+def test_spec_file_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: demo\nsteps: 3\nenvs: [frozenlake]\nvariants:\n  - grpo\n  - sil\n")
+    with pytest.raises(SpecError, match=rf"^{path}:6: variants\.1\.name: unknown variant 'sil'"):
+        load_spec(path)
+    path.write_text("steps: [3\n")
+    with pytest.raises(SpecError, match=rf"^{path}:2: YAML syntax error"):
+        load_spec(path)
+
+
+def test_the_cli_prints_one_line_and_exits_2_on_a_bad_spec(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: 3\nenvs: [frozenlake]\nvariants: [grpo, nope]\n")
+    assert main(["experiment", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"spear-ray: error: {path}:3: variants.1.name: unknown variant 'nope'")
+    assert "\n" not in err
+
+
+@pytest.mark.parametrize("name", ["frozenlake-smoke.yaml", "spear-vs-grpo.yaml"])
+def test_the_example_specs_are_valid(name):
+    spec = load_spec(EXAMPLES / name)  # loads every (env, variant) config
+    assert spec.baseline == "grpo"
+    if name == "spear-vs-grpo.yaml":
+        assert {e.name for e in spec.envs} == {"python_math", "textworld", "frozenlake"}
+        assert len(spec.seeds) == 3
+        labels = {r.label.rsplit("/", 1)[0] for r in spec.runs()}
+        assert "python_math/gigpo" not in labels and "textworld/gigpo_spear" in labels
+
+
+# ----------------------------------------------------------------------------- summary math
+
+
+def _write_metrics(
+    path: Path,
+    train: dict[int, float],
+    evals: dict[int, float] | None = None,
+    replay: dict[int, int] | None = None,
+    extra_lines: list[dict] | None = None,
+):
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for step, value in (evals or {}).items():
+        rows.append({"step": step, "eval/success_rate": value, "eval/task_reward": value})
+    for step, value in train.items():
+        rows.append(
+            {
+                "step": step,
+                "success_rate": value,
+                "reward/mean": value + 0.1,
+                "reward/task": value,
+                "spear/replay_rows": (replay or {}).get(step, 0),
+            }
+        )
+    rows.sort(key=lambda r: (r["step"], "success_rate" in r))
+    rows += extra_lines or []
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return read_curves(path)
+
+
+def test_read_curves_keeps_the_last_row_of_a_step_after_a_resume(tmp_path):
+    later = [
+        {"step": 2, "event": "resumed", "checkpoint": "x"},
+        {"step": 2, "success_rate": 0.9, "reward/mean": 1.0},
+        {"step": 3, "success_rate": 1.0, "reward/mean": 1.0},
+    ]
+    curves = _write_metrics(tmp_path, {0: 0.0, 1: 0.1, 2: 0.2, 3: 0.3}, {0: 0.0}, extra_lines=later)
+    (tmp_path / "metrics.jsonl").open("a").write('{"step": 4, "succ')  # cut short by a crash
+    curves = read_curves(tmp_path)
+    steps, values = curves.series("success_rate")
+    assert steps.tolist() == [0, 1, 2, 3] and values.tolist() == [0.0, 0.1, 0.9, 1.0]
+    assert curves.steps_done == 4 and list(curves.eval) == [0]
+
+
+def test_curve_helpers():
+    steps, values = np.arange(5), np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    s, v = moving_average(steps, values, 2)
+    assert s.tolist() == [1, 2, 3, 4] and v.tolist() == [0.5, 1.5, 2.5, 3.5]
+    assert moving_average(steps, values, 1)[1].tolist() == values.tolist()
+    assert len(moving_average(steps, values, 6)[0]) == 0
+    assert normalized_auc(np.array([0, 10, 20]), np.array([0.0, 0.5, 0.7])) == pytest.approx(0.425)
+    assert normalized_auc(np.array([5]), np.array([0.3])) == 0.3
+    assert normalized_auc(np.zeros(0, int), np.zeros(0)) is None
+    assert [smoothing_window(n) for n in (1, 3, 10, 11, 40, 200)] == [1, 1, 1, 2, 4, 20]
+
+
+def test_seed_band_aggregates_per_step_over_the_seeds_that_have_it():
+    band = seed_band(
+        [
+            (np.array([0, 1, 2]), np.array([0.0, 0.2, 0.4])),
+            (np.array([0, 1, 2, 3]), np.array([0.2, 0.6, 0.8, 1.0])),
+            (np.array([0, 1]), np.array([0.1, 0.1])),
+        ]
+    )
+    assert band.steps.tolist() == [0, 1, 2, 3]
+    assert band.mean == pytest.approx([0.1, 0.3, 0.6, 1.0])
+    assert band.lo == pytest.approx([0.0, 0.1, 0.4, 1.0])
+    assert band.hi == pytest.approx([0.2, 0.6, 0.8, 1.0])
+    assert band.std == pytest.approx([np.std([0.0, 0.2, 0.1]), np.std([0.2, 0.6, 0.1]), 0.2, 0.0])
+    assert band.count.tolist() == [3, 3, 2, 1]
+
+
+def test_summary_from_eval_curves(tmp_path):
+    steps = 20
+    train = {t: 0.1 for t in range(steps)}
+    runs = {
+        "grpo": [
+            (0, _write_metrics(tmp_path / "g0", train, {0: 0.0, 10: 0.2, 20: 0.4})),
+            (1, _write_metrics(tmp_path / "g1", train, {0: 0.0, 10: 0.4, 20: 0.6})),
+        ],
+        "spear": [
+            (0, _write_metrics(tmp_path / "s0", train, {0: 0.0, 10: 0.5, 20: 0.7}, {3: 4})),
+            (1, _write_metrics(tmp_path / "s1", train, {0: 0.1, 10: 0.3, 20: 0.4}, {3: 2, 5: 2})),
+        ],
+    }
+    out = summarize_env(runs, steps, "grpo")
+    assert out["success_source"] == "eval"
+    assert out["baseline_final_success"] == pytest.approx(0.5)
+    grpo, spear = out["variants"]["grpo"], out["variants"]["spear"]
+    assert spear["final_eval_success"]["per_seed"] == [0.7, 0.4]
+    assert spear["final_eval_success"]["mean"] == pytest.approx(0.55)
+    assert spear["final_eval_success"]["std"] == pytest.approx(math.sqrt(2 * 0.15**2))
+    assert spear["final_train_success"]["mean"] == pytest.approx(0.1)
+    assert spear["auc_eval"]["per_seed"] == pytest.approx([0.425, 0.275])
+    assert spear["auc_train"]["mean"] == pytest.approx(0.1)
+    assert spear["replay_steps"] == [1, 2] and grpo["replay_steps"] == [0, 0]
+    to_grpo = spear["steps_to_baseline_final"]
+    assert to_grpo["per_seed"] == [10, None]
+    assert to_grpo["ratio_per_seed"] == [0.5, None]
+    assert (to_grpo["reached"], to_grpo["mean"]) == (1, 10)
+    assert to_grpo["mean_curve"] == 20  # seed mean: 0.05, 0.4, 0.55
+    assert grpo["steps_to_baseline_final"]["per_seed"] == [None, 20]
+    assert grpo["steps_to_baseline_final"]["mean_curve"] == 20  # 0.5 at the end, by definition
+
+
+def test_summary_from_smoothed_train_success_when_there_is_no_final_eval(tmp_path):
+    steps = 20  # window 2 for the smoothing and 'the last 10% of steps'
+    grpo = _write_metrics(tmp_path / "g", {t: 0.25 for t in range(steps)})
+    spear_train = {t: (0.0 if t < 5 else 0.5) for t in range(steps)}
+    spear = _write_metrics(tmp_path / "s", spear_train, {0: 0.0})  # one eval: not enough
+    out = summarize_env({"grpo": [(0, grpo)], "spear": [(0, spear)]}, steps, "grpo")
+    assert out["success_source"] == "train"
+    assert out["baseline_final_success"] == pytest.approx(0.25)
+    entry = out["variants"]["spear"]
+    # smoothed over 2 steps: 0 at step 4, 0.25 at step 5 -> reached at 5
+    assert entry["steps_to_baseline_final"]["per_seed"] == [5]
+    assert entry["steps_to_baseline_final"]["ratio_per_seed"] == [0.25]
+    assert entry["final_train_success"]["per_seed"] == [0.5]
+    assert entry["final_eval_success"]["per_seed"] == [None]
+    assert entry["final_eval_success"]["mean"] is None
+    assert entry["auc_eval"]["mean"] is None
+    assert entry["final_train_success"]["std"] is None  # one seed: no spread
+    assert out["variants"]["grpo"]["steps_to_baseline_final"]["per_seed"] == [1]
+
+
+def test_no_baseline_no_steps_to_baseline(tmp_path):
+    run = _write_metrics(tmp_path / "a", {0: 0.1, 1: 0.2})
+    out = summarize_env({"drbot": [(0, run)]}, 2, "grpo")
+    assert out["baseline"] is None and out["baseline_final_success"] is None
+    assert "steps_to_baseline_final" not in out["variants"]["drbot"]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _assert_real_png(path: Path):
+    from matplotlib.image import imread
+
+    assert path.stat().st_size > 1000
+    pixels = imread(str(path))
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    assert len(np.unique(flat, axis=0)) > 10  # not one colour: axes, lines, bands
+
+
+def test_plot_curves_draws_seed_bands(tmp_path):
+    groups = {
+        "grpo": [
+            _write_metrics(
+                tmp_path / f"g{k}",
+                {t: t / 40 + k / 10 for t in range(20)},
+                {0: 0.0, 10: 0.2 + k / 10, 20: 0.3},
+            )
+            for k in range(3)
+        ],
+        "spear": [_write_metrics(tmp_path / "s", {t: t / 20 for t in range(20)})],
+    }
+    for band in ("minmax", "std"):
+        out = plot_curves(groups, tmp_path / f"plots/curves-{band}.png", title="t", band=band)
+        _assert_real_png(out)
+    with pytest.raises(ValueError, match="band"):
+        plot_curves(groups, tmp_path / "x.png", band="iqr")
+
+
+def test_plot_runs_and_the_plot_command(tmp_path, capsys, monkeypatch):
+    for name in ("grpo", "spear"):
+        _write_metrics(tmp_path / "exp" / "lake" / name / "seed0", {t: t / 10 for t in range(10)})
+    single = plot_runs([tmp_path / "exp" / "lake" / "grpo" / "seed0"])
+    assert single == tmp_path / "exp" / "lake" / "grpo" / "seed0" / "curves.png"
+    _assert_real_png(single)
+    monkeypatch.chdir(tmp_path)
+    # an experiment directory stands for every run below it
+    assert main(["plot", str(tmp_path / "exp"), "--out", "both.png", "--window", "3"]) == 0
+    assert capsys.readouterr().out.strip() == "both.png"
+    _assert_real_png(tmp_path / "both.png")
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.jsonl in it or below it" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- skip / resume
+
+
+def _config(root: Path, steps: int = 3, **extra) -> SpearConfig:
+    overrides = [f"run.total_steps={steps}", f"run.runs_dir={root}", "run.name=seed0"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_config("demo", overrides)
+
+
+def _fake_run(config: SpearConfig, *, steps_done: int, checkpoints: list[int]) -> RunDir:
+    run = RunDir.create(config)
+    run.log_metrics({"step": 0, "eval/success_rate": 0.0})
+    for t in range(steps_done):
+        run.log_metrics({"step": t, "success_rate": 0.5, "reward/mean": 0.5, "reward/task": 0.5})
+    for step in checkpoints:
+        with run.checkpoint(step) as directory:
+            (directory / "learner").mkdir()
+    return run
+
+
+def test_run_state_decides_skip_resume_or_restart(tmp_path):
+    config = _config(tmp_path / "a")
+    assert run_state(tmp_path / "a" / "seed0", config) == "new"
+    (tmp_path / "a" / "seed0").mkdir(parents=True)
+    assert run_state(tmp_path / "a" / "seed0", config) == "new"  # empty
+
+    finished = _fake_run(_config(tmp_path / "f"), steps_done=3, checkpoints=[1, 2])
+    assert run_state(finished.path, _config(tmp_path / "f")) == "finished"
+
+    partial = _fake_run(_config(tmp_path / "p"), steps_done=3, checkpoints=[1])
+    assert run_state(partial.path, _config(tmp_path / "p")) == "resume"
+    # the last step logged but its checkpoint never completed: still a resume
+    (partial.checkpoints_dir / ".tmp_step_000002").mkdir()
+    assert run_state(partial.path, _config(tmp_path / "p")) == "resume"
+
+    early = _fake_run(_config(tmp_path / "e"), steps_done=1, checkpoints=[])
+    assert run_state(early.path, _config(tmp_path / "e")) == "restart"
+
+    # the experiment moved: where it lives does not count as a config change
+    assert run_state(finished.path, _config(tmp_path / "elsewhere")) == "finished"
+
+
+def test_run_state_refuses_a_run_whose_config_differs_from_the_spec(tmp_path):
+    run = _fake_run(_config(tmp_path), steps_done=1, checkpoints=[0])
+    changed = _config(tmp_path, **{"algo.sil.coef": 0.5, "learner.lr": 0.1})
+    with pytest.raises(
+        SpecError, match=r"differs from the spec's in algo\.sil\.coef, learner\.lr;"
+    ):
+        run_state(run.path, changed)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(SpecError, match="not a run directory"):
+        run_state(tmp_path / "junk", changed)
+
+
+def _fake_train(calls: list):
+    """Stands in for run_training: logs steps and evals and checkpoints like it does."""
+
+    def train(config, *, run, resume, log):
+        first = 0
+        if resume and run.latest_checkpoint() is not None:
+            first = int(run.latest_checkpoint().name.removeprefix("step_")) + 1
+            run.log_metrics({"step": first, "event": "resumed"})
+        calls.append((str(run.path), resume, first))
+        spear = config.algo.sil.enabled
+        total = config.run.total_steps
+        if first == 0:
+            run.log_metrics({"step": 0, "eval/success_rate": 0.0})
+        for t in range(first, total):
+            success = min(1.0, (0.1 if spear else 0.05) * (t + 1) + 0.01 * config.run.seed)
+            run.log_metrics(
+                {
+                    "step": t,
+                    "success_rate": success,
+                    "reward/mean": success,
+                    "reward/task": success,
+                    "spear/replay_rows": 4 if spear and t > 0 else 0,
+                }
+            )
+            log(f"step {t + 1}/{total}")
+            if t + 1 == total:
+                run.log_metrics({"step": total, "eval/success_rate": success})
+            with run.checkpoint(t) as directory:
+                (directory / "learner").mkdir()
+        return {}
+
+    return train
+
+
+def test_run_experiment_skips_resumes_restarts_and_summarises(tmp_path):
+    spec = parse_spec(_spec_dict(steps=4))
+    root = tmp_path / "exp"
+    runs = {r.label: r for r in spec.runs()}
+    # seed0 grpo finished, seed0 drbot_spear stopped after step 1, seed1 grpo died early
+    done = runs["frozenlake/grpo/seed0"]
+    _fake_train([])(
+        done.config(root, 4),
+        run=RunDir.create(done.config(root, 4)),
+        resume=False,
+        log=lambda line: None,
+    )
+    partial = runs["frozenlake/drbot_spear/seed0"]
+    _fake_run(partial.config(root, 4), steps_done=3, checkpoints=[0, 1])
+    early = runs["frozenlake/grpo/seed1"]
+    _fake_run(early.config(root, 4), steps_done=1, checkpoints=[])
+    assert [p.state for p in plan_runs(spec, root)] == ["finished", "resume", "restart", "new"]
+
+    calls, lines = [], []
+    summary = run_experiment(spec, root, log=lines.append, train=_fake_train(calls))
+    assert calls == [
+        (str(partial.path(root)), True, 2),
+        (str(early.path(root)), False, 0),
+        (str(runs["frozenlake/drbot_spear/seed1"].path(root)), False, 0),
+    ]
+    assert lines[0].startswith(f"experiment experiment: 4 runs in {root} (1 finished, 1 to")
+    assert "[1/4] frozenlake/grpo/seed0: finished, skipped" in lines
+    assert (
+        "[2/4] frozenlake/drbot_spear/seed0: resuming from step_000001 (3 runs left, "
+        "ETA after the first run)" in lines
+    )
+    assert any(
+        line.startswith("[3/4] frozenlake/grpo/seed1: no complete checkpoint")
+        and "2 runs left, ETA " in line
+        for line in lines
+    )
+    assert "[4/4] frozenlake/drbot_spear/seed1 step 4/4" in lines
+    assert all(state == "finished" for state in (p.state for p in plan_runs(spec, root)))
+
+    env = summary["envs"]["frozenlake"]
+    assert env["unfinished_runs"] == [] and env["trajectories_per_run"] == 4 * 32
+    assert env["variants"]["grpo"]["seeds"] == [0, 1]
+    assert env["success_source"] == "eval"
+    assert env["baseline_final_success"] == pytest.approx(0.205)
+    assert env["variants"]["drbot_spear"]["replay_steps"] == [2, 3]  # resumed: steps 2-3 only
+    assert env["variants"]["drbot_spear"]["steps_to_baseline_final"]["per_seed"] == [4, 4]
+    on_disk = json.loads((root / "summary.json").read_text())
+    assert on_disk["envs"]["frozenlake"]["variants"]["grpo"]["final_eval_success"]["per_seed"] == [
+        pytest.approx(0.2),
+        pytest.approx(0.21),
+    ]
+    markdown = (root / "summary.md").read_text()
+    assert "| drbot_spear | 0.405 ± 0.007 |" in markdown
+    assert "![frozenlake-success](plots/frozenlake-success.png)" in markdown
+    for png in ("frozenlake-success.png", "frozenlake-reward.png"):
+        _assert_real_png(root / "plots" / png)
+
+    # a second invocation trains nothing
+    again, lines = [], []
+    run_experiment(spec, root, log=lines.append, train=_fake_train(again))
+    assert again == []
+    assert sum(line.endswith(": finished, skipped") for line in lines) == 4
+
+
+def test_a_failing_run_stops_the_grid_unless_keep_going(tmp_path):
+    from spear_ray.experiments import ExperimentError
+
+    spec = parse_spec(_spec_dict(steps=2, seeds=[0]))
+
+    def broken(config, *, run, resume, log):
+        raise RuntimeError("engine died")
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        run_experiment(spec, tmp_path / "a", log=lambda line: None, train=broken)
+    with pytest.raises(ExperimentError, match=r"2 run\(s\) failed: frozenlake/grpo/seed0: "):
+        run_experiment(spec, tmp_path / "b", log=lambda line: None, train=broken, keep_going=True)
+    assert (tmp_path / "b" / "summary.json").is_file()  # what there is, summarised anyway
