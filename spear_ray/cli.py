@@ -7,6 +7,9 @@
     spear-ray train --resume RUN_DIR                         continue a run from its checkpoint
     spear-ray experiment SPEC.yaml [--out DIR] [--dry-run | --summary-only] [--keep-going]
     spear-ray plot RUN_DIR... [--out PNG] [--window N]        learning curves of runs, overlaid
+    spear-ray export CHECKPOINT --to DIR                     the policy as an HF model directory
+    spear-ray eval --checkpoint DIR [--env NAME] [--tasks N] [--temperature T] [key=value ...]
+                                                             held-out success of a checkpoint
 
 Bad input exits with status 2 and one line naming the file, YAML line, override or field.
 """
@@ -97,7 +100,84 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="moving-average window of the train curves (default: 10%% of the steps)",
     )
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's policy as an HF model directory (transformers, vLLM)",
+        description="Write the policy of a complete checkpoint (RUN/checkpoints/step_N, or a run "
+        "directory for its latest complete one) into DIR: model safetensors, config.json, "
+        "generation_config.json and the tokenizer with its chat template (the checkpoint's, else "
+        "the one the run's config names).",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint or run directory")
+    export.add_argument(
+        "--to", required=True, metavar="DIR", help="output directory (new or empty)"
+    )
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="held-out success rate of a checkpoint (one rollout worker, no learner)",
+        description="Play the held-out tasks (seeds env.eval_seed_start, +1, ...) of the run's "
+        "env with one rollout worker on the checkpoint's weights; prints one line per task and "
+        "a final JSON line (success rate, mean task reward, infrastructure failures).",
+    )
+    evaluate.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a checkpoint or run directory (its latest complete checkpoint), or an exported HF "
+        "model directory (then the env comes from --config)",
+    )
+    evaluate.add_argument(
+        "--env", default=None, metavar="NAME", help="evaluate on this env (its default options)"
+    )
+    evaluate.add_argument(
+        "--tasks", type=int, default=None, metavar="N", help="held-out tasks (env.eval_tasks)"
+    )
+    evaluate.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="sampling temperature (rollout.eval_temperature; 0 = greedy)",
+    )
+    evaluate.add_argument(
+        "--config",
+        default=None,
+        metavar="NAME|FILE",
+        help="config for an exported HF directory (default: demo), or instead of the run's",
+    )
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.options={}")
+    evaluate.add_argument(
+        "--address", default=None, help="Ray address to join (default: start a local Ray)"
+    )
     return parser
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    from spear_ray.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.to, log=print)
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    import json
+
+    from spear_ray.evaluate import result_line, run_eval
+
+    result = run_eval(
+        args.checkpoint,
+        env=args.env,
+        tasks=args.tasks,
+        temperature=args.temperature,
+        overrides=args.overrides,
+        config_source=args.config,
+        address=args.address,
+        on_result=lambda trajectory: print(result_line(trajectory), flush=True),
+    )
+    print(json.dumps(result), flush=True)
+    return 0
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -162,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             return _experiment_command(args)
         if args.command == "plot":
             return _plot_command(args)
+        if args.command == "export":
+            return _export_command(args)
+        if args.command == "eval":
+            return _eval_command(args)
     except ConfigError as err:
         print(f"spear-ray: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

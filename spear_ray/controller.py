@@ -29,6 +29,7 @@ from spear_ray.algo.curriculum import TOOL_REWARD_SCHEDULES
 from spear_ray.config import SpearConfig
 from spear_ray.config.schema import train_seed_range
 from spear_ray.containers import Trajectory
+from spear_ray.evaluate import evaluation_metrics
 from spear_ray.experience import process_step
 from spear_ray.run_dir import RunDir
 
@@ -187,12 +188,7 @@ class Controller:
         trajs = self.rollouts.start(
             eval_tasks(self.config), weight_version=self.weight_version, evaluation=True
         ).all()
-        valid = [t for t in trajs if t.is_valid]
-        return {
-            "eval/success_rate": sum(t.success for t in valid) / max(len(valid), 1),
-            "eval/task_reward": sum(t.rewards.task for t in valid) / max(len(valid), 1),
-            "eval/infra_failures": len(trajs) - len(valid),
-        }
+        return evaluation_metrics(trajs)
 
     def _tool_lambda(self, t: int) -> float:
         tr = self.config.algo.tool_reward

@@ -5,7 +5,7 @@
       metrics.jsonl          one JSON object per step (and per evaluation)
       buffer/                the replay buffer's own every-step checkpoint
       checkpoints/step_000010/
-        learner/             DeepSpeed state per rank + an HF model directory (hf/)
+        learner/             DeepSpeed state per rank + an HF model directory (policy/)
         buffer.npz           the replay buffer at that step
         COMPLETE             written last: a directory without it is partial and ignored
 

@@ -67,8 +67,11 @@ class ScriptedEngine:
 
 
 SETTINGS = EpisodeSettings(
-    max_tokens_per_turn=64, max_response_tokens=2048, max_prompt_tokens=2048,
-    invalid_action_penalty=-0.1, trajectory_timeout_s=30,
+    max_tokens_per_turn=64,
+    max_response_tokens=2048,
+    max_prompt_tokens=2048,
+    invalid_action_penalty=-0.1,
+    trajectory_timeout_s=30,
 )
 TASK = Task(task_id="t0", group_id=2, env_seed=7, num_samples=1)
 
@@ -114,8 +117,12 @@ def test_incremental_ids_equal_the_template_rendering_of_the_whole_chat(tokenize
     """Appending ids turn by turn gives the same ids as the chat template on the full chat."""
     replies = _frozenlake_solution(11)
     env = make_env("frozenlake", {})
-    traj = _play(ScriptedEngine(tokenizer, replies), env, chat,
-                 task=Task(task_id="x", group_id=0, env_seed=11, num_samples=1))
+    traj = _play(
+        ScriptedEngine(tokenizer, replies),
+        env,
+        chat,
+        task=Task(task_id="x", group_id=0, env_seed=11, num_samples=1),
+    )
     replay = make_env("frozenlake", {})
     messages = [{"role": "user", "content": replay.reset(11)}]
     for reply in replies[:-1]:
@@ -128,8 +135,9 @@ def test_incremental_ids_equal_the_template_rendering_of_the_whole_chat(tokenize
 
 
 def test_a_turn_cut_by_a_stop_string_is_closed_by_non_trained_tokens(tokenizer, chat):
-    engine = ScriptedEngine(tokenizer, ["<action>Jump</action>", "<action>Up</action>"],
-                            end_turn=False)
+    engine = ScriptedEngine(
+        tokenizer, ["<action>Jump</action>", "<action>Up</action>"], end_turn=False
+    )
     env = make_env("frozenlake", {"max_turns": 2})
     traj = _play(engine, env, chat)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -152,8 +160,9 @@ def test_invalid_actions_are_penalised_and_the_episode_goes_on(tokenizer, chat):
 
 
 def test_response_token_budget_ends_the_episode(tokenizer, chat):
-    settings = EpisodeSettings(max_tokens_per_turn=64, max_response_tokens=40,
-                               max_prompt_tokens=2048)
+    settings = EpisodeSettings(
+        max_tokens_per_turn=64, max_response_tokens=40, max_prompt_tokens=2048
+    )
     engine = ScriptedEngine(tokenizer, ["<action>Jump</action>"])
     env = make_env("frozenlake", {"max_turns": 50})
     traj = _play(engine, env, chat, settings)
@@ -197,12 +206,19 @@ def test_env_crash_is_an_infrastructure_failure_not_a_score(tokenizer, chat):
 
 
 def test_engine_error_and_timeout_are_infrastructure_failures(tokenizer, chat):
-    traj = _play(ScriptedEngine(tokenizer, ["<action>Up</action>"], fail_at=1),
-                 make_env("frozenlake", {}), chat)
+    traj = _play(
+        ScriptedEngine(tokenizer, ["<action>Up</action>"], fail_at=1),
+        make_env("frozenlake", {}),
+        chat,
+    )
     assert traj.failure == "RuntimeError: engine blew up"
     env = _HangingEnv()
-    quick = EpisodeSettings(max_tokens_per_turn=8, max_response_tokens=64, max_prompt_tokens=64,
-                            trajectory_timeout_s=0.5)
+    quick = EpisodeSettings(
+        max_tokens_per_turn=8,
+        max_response_tokens=64,
+        max_prompt_tokens=64,
+        trajectory_timeout_s=0.5,
+    )
     traj = _play(ScriptedEngine(tokenizer, ["go"]), env, chat, quick)
     env.release.set()
     assert traj.failure and traj.failure.startswith("timeout")

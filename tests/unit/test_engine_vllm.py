@@ -265,15 +265,17 @@ def test_update_of_a_tied_model_without_lm_head_reties_it(tmp_path, monkeypatch)
     engine = VLLMEngine(path, max_model_len=256, cpu_kv_cache_gib=0.1)
     try:
         g = torch.Generator().manual_seed(1)
-        state = {k: v + 0.5 * torch.randn(v.shape, generator=g)
-                 for k, v in model.state_dict().items()}
+        state = {
+            k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()
+        }
         model.load_state_dict(state)  # tied: embed_tokens and lm_head end up one tensor
         sent = [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]
         asyncio.run(engine.update_weights(sent, 1))
         prompt = [1, 5, 9, 13, 27, 40]
         got = asyncio.run(engine.generate(prompt, SamplingSpec(max_tokens=12, temperature=0.0)))
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                             eos_token_id=None)[0, len(prompt):].tolist()
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
+        )[0, len(prompt) :].tolist()
         assert got.token_ids == ref[: len(got.token_ids)] and len(got.token_ids) > 3
     finally:
         engine.shutdown()

@@ -44,14 +44,30 @@ from spear_ray.envs.python_math import parse_turn
         ("```python\nprint(3)\n```", "fence", "code", "print(3)"),
         ("```python\nprint(3)\n```", "tag", "invalid", None),
         ("<code>print(3)</code>", "fence", "invalid", None),
-        ('<tool_call>{"name": "python", "arguments": {"code": "print(1)"}}</tool_call>',
-         "hermes_json", "code", "print(1)"),
-        ('<tool_call>{"name": "python", "arguments": "{\\"code\\": \\"x=2\\"}"}',
-         "hermes_json", "code", "x=2"),  # arguments as a JSON string, stop string dropped
-        ('<tool_call>{"name": "python", "arguments": {"code": "print(1)"</tool_call>',
-         "hermes_json", "invalid", None),  # malformed JSON
-        ('<tool_call>{"name": "search", "arguments": {"code": "print(1)"}}</tool_call>',
-         "hermes_json", "invalid", None),  # not the interpreter
+        (
+            '<tool_call>{"name": "python", "arguments": {"code": "print(1)"}}</tool_call>',
+            "hermes_json",
+            "code",
+            "print(1)",
+        ),
+        (
+            '<tool_call>{"name": "python", "arguments": "{\\"code\\": \\"x=2\\"}"}',
+            "hermes_json",
+            "code",
+            "x=2",
+        ),  # arguments as a JSON string, stop string dropped
+        (
+            '<tool_call>{"name": "python", "arguments": {"code": "print(1)"</tool_call>',
+            "hermes_json",
+            "invalid",
+            None,
+        ),  # malformed JSON
+        (
+            '<tool_call>{"name": "search", "arguments": {"code": "print(1)"}}</tool_call>',
+            "hermes_json",
+            "invalid",
+            None,
+        ),  # not the interpreter
         ("<code>print(3)</code>", "hermes_json", "invalid", None),
     ],
 )
