@@ -138,7 +138,7 @@ def run_eval(
     import ray
 
     from actors.rollout_group import RolloutGroup
-    from spear_ray.train import _connect_ray
+    from spear_ray.train import connect_ray
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config, about = eval_config(
@@ -149,8 +149,7 @@ def run_eval(
         overrides=overrides,
         config_source=config_source,
     )
-    started_ray = not ray.is_initialized()
-    _connect_ray(address, log)
+    started_ray = connect_ray(address, log)
     t0 = time.perf_counter()
     rollouts = None
     try:

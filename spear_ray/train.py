@@ -14,17 +14,20 @@ from spear_ray.config import SpearConfig
 from spear_ray.run_dir import RunDir
 
 
-def _connect_ray(address: str | None, log) -> None:
+def connect_ray(address: str | None, log) -> bool:
+    """Start a local Ray, or join `address`, unless Ray is running already; True if this call
+    started or joined it (so the caller owns the shutdown)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address:
         log(f"connecting to Ray at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
         log("starting a local Ray")
         ray.init(include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def _format(metrics: dict, keys: list[tuple[str, str, str]]) -> str:
@@ -75,7 +78,7 @@ def run_training(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    _connect_ray(address, log)
+    connect_ray(address, log)
     log(
         f"starting {config.learner.num_ranks} learner rank(s), "
         f"{config.rollout.num_workers} rollout worker(s), the replay buffer"

@@ -91,23 +91,23 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
             f"{path}:1: the top level must be a mapping of sections (model:, rollout:, ...)"
         )
     lines: dict[tuple[str, ...], int] = {}
-    _collect_lines(node, (), lines)
+    collect_yaml_lines(node, (), lines)
     return data, lines
 
 
-def _collect_lines(
+def collect_yaml_lines(
     node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]
 ) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*prefix, str(key_node.value))
             out[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, out)
+            collect_yaml_lines(value_node, key, out)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             key = (*prefix, str(i))
             out[key] = item.start_mark.line + 1
-            _collect_lines(item, key, out)
+            collect_yaml_lines(item, key, out)
 
 
 # ----------------------------------------------------------------------------- overrides

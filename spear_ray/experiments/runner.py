@@ -144,10 +144,10 @@ def run_experiment(
     durations: list[float] = []
     started_ray = False
     if to_run and train is None:
-        from spear_ray.train import run_training
+        from spear_ray.train import connect_ray, run_training
 
         train = run_training
-        started_ray = _start_ray(address, log)
+        started_ray = connect_ray(address, log)
     try:
         done = 0
         for i, planned in enumerate(plan, 1):
@@ -200,18 +200,3 @@ def _train_one(planned: PlannedRun, train: Callable[..., Any], log) -> None:
         train(planned.config, run=run, resume=True, log=log)
     else:
         train(planned.config, run=RunDir.create(planned.config), resume=False, log=log)
-
-
-def _start_ray(address: str | None, log) -> bool:
-    """Start (or join) Ray unless it is running already; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        log(f"connecting to Ray at {address}")
-        ray.init(address=address, log_to_driver=True)
-    else:
-        log("starting a local Ray (one session for every run)")
-        ray.init(include_dashboard=False, log_to_driver=True)
-    return True

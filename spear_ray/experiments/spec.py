@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from spear_ray.config import ConfigError, SpearConfig, load_config
+from spear_ray.config.load import collect_yaml_lines
 from spear_ray.experiments.variants import VARIANTS, dotted_overrides, to_override
 
 # Set by the runner for each run; a spec that overrides them would break the grid.
@@ -177,7 +178,7 @@ def load_spec(path: str | Path, *, check: bool = True) -> ExperimentSpec:
         raise SpecError(f"{where}: YAML syntax error: {problem}") from None
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
-        _collect_lines(node, (), lines)
+        collect_yaml_lines(node, (), lines)
     spec = parse_spec(data, source=path, lines=lines, text=text)
     if check:
         spec.check()
@@ -399,16 +400,3 @@ class _Parser:
         if len(set(names)) != len(names):
             self.fail(("variants",), f"variant names repeat: {', '.join(names)}")
         return tuple(out)
-
-
-def _collect_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]):
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = (*prefix, str(key_node.value))
-            out[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            key = (*prefix, str(i))
-            out[key] = item.start_mark.line + 1
-            _collect_lines(item, key, out)
