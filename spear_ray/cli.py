@@ -24,6 +24,13 @@ from spear_ray.config import ConfigError, config_to_yaml, load_config, preset_na
 EXIT_BAD_INPUT = 2
 
 
+def _add_address_option(parser: argparse.ArgumentParser) -> None:
+    """--address, the same for every command that runs on Ray."""
+    parser.add_argument(
+        "--address", default=None, help="Ray address to join (default: start a local Ray)"
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spear-ray", description="SPEAR self-imitation RL for LLM agents, on Ray."
@@ -45,9 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--config", default=None, help="a preset name or a YAML file (default: the demo preset)"
     )
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.total_steps=10")
-    train.add_argument(
-        "--address", default=None, help="Ray address to join (default: start a local Ray)"
-    )
+    _add_address_option(train)
     train.add_argument(
         "--resume",
         default=None,
@@ -66,9 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment.add_argument(
         "--out", default=None, metavar="DIR", help="experiment directory (default: the spec's)"
     )
-    experiment.add_argument(
-        "--address", default=None, help="Ray address to join (default: start a local Ray)"
-    )
+    _add_address_option(experiment)
     only = experiment.add_mutually_exclusive_group()
     only.add_argument(
         "--dry-run", action="store_true", help="list the runs and their state; run nothing"
@@ -148,9 +151,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="config for an exported HF directory (default: demo), or instead of the run's",
     )
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.options={}")
-    evaluate.add_argument(
-        "--address", default=None, help="Ray address to join (default: start a local Ray)"
-    )
+    _add_address_option(evaluate)
     return parser
 
 

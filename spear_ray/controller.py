@@ -29,7 +29,7 @@ from spear_ray.algo.curriculum import TOOL_REWARD_SCHEDULES
 from spear_ray.config import SpearConfig
 from spear_ray.config.schema import train_seed_range
 from spear_ray.containers import Trajectory
-from spear_ray.evaluate import evaluation_metrics
+from spear_ray.evaluate import evaluate_rollouts
 from spear_ray.experience import process_step
 from spear_ray.run_dir import RunDir
 
@@ -62,14 +62,6 @@ def tasks_for_step(config: SpearConfig, step: int) -> list[Task]:
             num_samples=config.rollout.samples_per_prompt,
         )
         for g in range(n)
-    ]
-
-
-def eval_tasks(config: SpearConfig) -> list[Task]:
-    start = config.env.eval_seed_start
-    return [
-        Task(f"eval-{k}", group_id=k, env_seed=start + k, num_samples=1)
-        for k in range(config.env.eval_tasks)
     ]
 
 
@@ -185,10 +177,10 @@ class Controller:
         return sorted(pending.all(), key=lambda traj: traj.group_id)
 
     def evaluate(self) -> dict[str, float]:
-        trajs = self.rollouts.start(
-            eval_tasks(self.config), weight_version=self.weight_version, evaluation=True
-        ).all()
-        return evaluation_metrics(trajs)
+        metrics, _ = evaluate_rollouts(
+            self.rollouts, self.config, weight_version=self.weight_version
+        )
+        return metrics
 
     def _tool_lambda(self, t: int) -> float:
         tr = self.config.algo.tool_reward

@@ -5,8 +5,8 @@
 
 One rollout worker (vLLM) is started on the checkpoint's HF model (learner/policy) and plays the
 held-out tasks of `eval_tasks(config)` (seeds env.eval_seed_start, +1, ...) with the run's
-evaluation sampling (`rollout.eval_temperature`), exactly what `Controller.evaluate` does during
-training; `evaluate_rollouts` is that logic, taking any RolloutGroup.
+evaluation sampling (`rollout.eval_temperature`). `evaluate_rollouts` is the one evaluation of the
+project: `Controller.evaluate` calls it during training with the learners' current weights.
 """
 
 from __future__ import annotations
@@ -19,9 +19,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spear_ray.agent.loop import Task
 from spear_ray.config import ConfigError, SpearConfig, load_config
 from spear_ray.containers import Trajectory
 from spear_ray.export import has_tokenizer, resolve_checkpoint, run_tokenizer_path
+
+
+def eval_tasks(config: SpearConfig) -> list[Task]:
+    """The held-out tasks: env seeds env.eval_seed_start, +1, ..., one sample each."""
+    start = config.env.eval_seed_start
+    return [
+        Task(f"eval-{k}", group_id=k, env_seed=start + k, num_samples=1)
+        for k in range(config.env.eval_tasks)
+    ]
 
 
 def evaluation_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
@@ -45,8 +55,6 @@ def evaluate_rollouts(
     """Play `config`'s held-out tasks on `rollouts` (a RolloutGroup) with evaluation sampling;
     `on_result` sees each trajectory as its task finishes. Returns (metrics, trajectories in
     task order)."""
-    from spear_ray.controller import eval_tasks
-
     pending = rollouts.start(eval_tasks(config), weight_version=weight_version, evaluation=True)
     trajectories: list[Trajectory] = []
     for group in pending.stream():

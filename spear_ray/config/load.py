@@ -77,22 +77,34 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, lines = parse_yaml_with_lines(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        raise ConfigError(f"{where}: YAML syntax error: {yaml_problem(err)}") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}:1: the top level must be a mapping of sections (model:, rollout:, ...)"
         )
-    lines: dict[tuple[str, ...], int] = {}
-    collect_yaml_lines(node, (), lines)
     return data, lines
+
+
+def parse_yaml_with_lines(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The YAML document and the 1-based line of every key path in it (for error messages).
+    Raises yaml.YAMLError on a syntax error."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    data = yaml.safe_load(text)
+    lines: dict[tuple[str, ...], int] = {}
+    if node is not None:
+        collect_yaml_lines(node, (), lines)
+    return data, lines
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """The short description of a YAML syntax error (without its location)."""
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
 
 
 def collect_yaml_lines(

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from spear_ray.config import ConfigError, SpearConfig, load_config
-from spear_ray.config.load import collect_yaml_lines
+from spear_ray.config.load import parse_yaml_with_lines, yaml_problem
 from spear_ray.experiments.variants import VARIANTS, dotted_overrides, to_override
 
 # Set by the runner for each run; a spec that overrides them would break the grid.
@@ -169,16 +169,11 @@ def load_spec(path: str | Path, *, check: bool = True) -> ExperimentSpec:
         raise SpecError(f"{path}: no such experiment spec")
     text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, lines = parse_yaml_with_lines(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{where}: YAML syntax error: {problem}") from None
-    lines: dict[tuple[str, ...], int] = {}
-    if node is not None:
-        collect_yaml_lines(node, (), lines)
+        raise SpecError(f"{where}: YAML syntax error: {yaml_problem(err)}") from None
     spec = parse_spec(data, source=path, lines=lines, text=text)
     if check:
         spec.check()
@@ -325,20 +320,36 @@ class _Parser:
                         f"the top-level or the env's overrides so every variant shares it",
                     )
 
-    def envs(self, value: Any, base: str) -> tuple[EnvSpec, ...]:
-        from spear_ray.envs.registry import known_envs
-
+    def named_entries(
+        self, value: Any, section: str, what: str, keys: Iterable[str]
+    ) -> list[tuple[tuple[str, int], dict[str, Any]]]:
+        """The entries of the list `section` (envs:, variants:) as (location, mapping): a bare
+        name becomes {name: NAME}; each has a valid name and only known keys."""
         if not isinstance(value, list) or not value:
-            self.fail(("envs",), "expected a non-empty list of envs (a name or {name: ...})")
-        out: list[EnvSpec] = []
+            self.fail(
+                (section,), f"expected a non-empty list of {section} (a name or {{name: ...}})"
+            )
+        entries = []
         for i, item in enumerate(value):
-            loc = ("envs", i)
+            loc = (section, i)
             if isinstance(item, str):
                 item = {"name": item}
             if not isinstance(item, dict) or "name" not in item:
-                self.fail(loc, f"expected an env name or a mapping with name:, got {item!r}")
-            self.known_keys(item, loc, ENV_KEYS)
+                self.fail(loc, f"expected {what} name or a mapping with name:, got {item!r}")
+            self.known_keys(item, loc, keys)
             self.label(item["name"], (*loc, "name"))
+            entries.append((loc, item))
+        return entries
+
+    def unique_names(self, section: str, what: str, names: list[str]) -> None:
+        if len(set(names)) != len(names):
+            self.fail((section,), f"{what} names repeat: {', '.join(names)}")
+
+    def envs(self, value: Any, base: str) -> tuple[EnvSpec, ...]:
+        from spear_ray.envs.registry import known_envs
+
+        out: list[EnvSpec] = []
+        for loc, item in self.named_entries(value, "envs", "an env", ENV_KEYS):
             env_name = item.get("env", item["name"] if item["name"] in known_envs() else None)
             if env_name is not None and env_name not in known_envs():
                 self.fail(
@@ -355,26 +366,13 @@ class _Parser:
             if env_name is not None:
                 overrides = (to_override("env.name", env_name), *overrides)
             out.append(EnvSpec(item["name"], _resolve_base(env_base, self.source), overrides))
-        names = [e.name for e in out]
-        if len(set(names)) != len(names):
-            self.fail(("envs",), f"env names repeat: {', '.join(names)}")
+        self.unique_names("envs", "env", [e.name for e in out])
         return tuple(out)
 
     def variants(self, value: Any, env_names: set[str]) -> tuple[VariantSpec, ...]:
-        if not isinstance(value, list) or not value:
-            self.fail(
-                ("variants",), "expected a non-empty list of variants (a name or {name: ...})"
-            )
         known = ", ".join(VARIANTS)
         out: list[VariantSpec] = []
-        for i, item in enumerate(value):
-            loc = ("variants", i)
-            if isinstance(item, str):
-                item = {"name": item}
-            if not isinstance(item, dict) or "name" not in item:
-                self.fail(loc, f"expected a variant name or a mapping with name:, got {item!r}")
-            self.known_keys(item, loc, VARIANT_KEYS)
-            self.label(item["name"], (*loc, "name"))
+        for loc, item in self.named_entries(value, "variants", "a variant", VARIANT_KEYS):
             table_name = item.get("variant", item["name"])
             if table_name not in VARIANTS:
                 key = "variant" if "variant" in item else "name"
@@ -396,7 +394,5 @@ class _Parser:
                         )
                 envs = tuple(envs)
             out.append(VariantSpec(item["name"], table_name, overrides, envs))
-        names = [v.name for v in out]
-        if len(set(names)) != len(names):
-            self.fail(("variants",), f"variant names repeat: {', '.join(names)}")
+        self.unique_names("variants", "variant", [v.name for v in out])
         return tuple(out)
