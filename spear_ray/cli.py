@@ -3,7 +3,7 @@
     spear-ray config show NAME|FILE [dotted.key=value ...]   print the fully resolved config
     spear-ray config check FILE [dotted.key=value ...]       validate a config, print "ok"
     spear-ray config presets                                 list the shipped presets
-    spear-ray train [--config NAME|FILE] [dotted.key=value ...] [--address ADDR]
+    spear-ray train [--config NAME|FILE] [dotted.key=value ...] [--address ADDR] [--quiet]
     spear-ray train --resume RUN_DIR                         continue a run from its checkpoint
     spear-ray experiment SPEC.yaml [--out DIR] [--dry-run | --summary-only] [--keep-going]
     spear-ray plot RUN_DIR... [--out PNG] [--window N]        learning curves of runs, overlaid
@@ -29,6 +29,10 @@ def _add_address_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default=None, help="Ray address to join (default: start a local Ray)"
     )
+
+
+def _add_quiet_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--quiet", action="store_true", help=text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -59,6 +63,11 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint",
     )
+    _add_quiet_option(
+        train,
+        "no per-step lines or progress bar: only the start, evaluations, checkpoints, errors and "
+        "the final summary (for `ray job submit`)",
+    )
 
     experiment = commands.add_parser(
         "experiment",
@@ -82,6 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment.add_argument(
         "--keep-going", action="store_true", help="go on with the next run when one fails"
     )
+    _add_quiet_option(experiment, "no per-step lines of the runs (for `ray job submit`)")
 
     plot = commands.add_parser(
         "plot",
@@ -197,7 +207,9 @@ def _train_command(args: argparse.Namespace) -> int:
     from spear_ray.train import resolve_run, run_training
 
     config, run, resume = resolve_run(args.config, args.overrides, args.resume)
-    run_training(config, run=run, resume=resume, address=args.address)
+    # a progress bar on a terminal; a line per step in a log file or a Ray job's logs
+    output = "quiet" if args.quiet else ("bar" if sys.stdout.isatty() else "lines")
+    run_training(config, run=run, resume=resume, address=args.address, output=output)
     return 0
 
 
@@ -215,8 +227,11 @@ def _experiment_command(args: argparse.Namespace) -> int:
     if args.summary_only:
         write_summary(spec, root)
         return 0
+    from spear_ray.console import quiet_log
+
+    log = quiet_log(print) if args.quiet else print
     try:
-        run_experiment(spec, root, address=args.address, keep_going=args.keep_going)
+        run_experiment(spec, root, address=args.address, keep_going=args.keep_going, log=log)
     except ExperimentError as err:
         print(f"spear-ray: {err}", file=sys.stderr)
         return 1

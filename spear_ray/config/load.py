@@ -52,6 +52,7 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     if source is not None:
         path = resolve_source(source)
         data, lines = _read_yaml(path)
+        _migrate_legacy(data)
     origin: dict[tuple[str, ...], str] = {}
     for text in overrides:
         keys, value = _parse_override(text)
@@ -61,6 +62,22 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
         return SpearConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_one_line(err, path, lines, origin)) from None
+
+
+def _migrate_legacy(data: dict[str, Any]) -> None:
+    """Run directories written before run.loggers existed carry a `logging:` section (whose
+    switches never did anything); read it as run.loggers/wandb_* so those runs still resume."""
+    legacy = data.pop("logging", None)
+    if not isinstance(legacy, dict):
+        return
+    run = data.setdefault("run", {})
+    if isinstance(run, dict) and "loggers" not in run:
+        chosen = [name for name in ("tensorboard", "wandb") if legacy.get(name)]
+        if chosen:
+            run["loggers"] = ["jsonl", *chosen]
+        for key in ("wandb_project", "wandb_mode"):
+            if key in legacy:
+                run.setdefault(key, legacy[key])
 
 
 def config_to_yaml(config: SpearConfig) -> str:

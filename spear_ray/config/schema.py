@@ -5,7 +5,7 @@ recipe of SPEAR.md §9 unless noted) and a one-line description. Derived sizes a
 never stored twice. Cross-field rules are validators whose message names the field and the fix.
 
 Units: a "sample" or "row" is one whole trajectory (token-in-token-out), so buffer sizes count
-trajectories unless `buffer.row_unit` says "turn" (SPEAR.md §3, "What a sample is").
+trajectories (SPEAR.md §3, "What a sample is"; per-turn rows are not implemented).
 """
 
 from __future__ import annotations
@@ -301,10 +301,10 @@ class AlgoConfig(Section):
 class BufferConfig(Section):
     """The SPEAR replay buffer (SPEAR.md §3-§4)."""
 
-    row_unit: Literal["trajectory", "turn"] = Field(
+    row_unit: Literal["trajectory"] = Field(
         "trajectory",
-        description="What one buffer row is: a whole trajectory, or one turn with a history window "
-        "(the reference agent recipe). Sizes below count rows of this unit.",
+        description="What one buffer row is: a whole trajectory (sizes below count trajectories). "
+        "The reference agent recipe's per-turn rows with a history window are not implemented.",
     )
     size: int = Field(
         2048, ge=1, description="buffer_size: replay batch cap and trigger scale (rows)."
@@ -392,16 +392,6 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, ge=1, description="Keep the newest K checkpoints.")
 
 
-class LoggingConfig(Section):
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
-    wandb: bool = Field(False, description="Also log to Weights & Biases.")
-    wandb_project: str = Field("spear-ray", description="W&B project name.")
-    wandb_mode: Literal["online", "offline"] = Field(
-        "offline", description="W&B mode; offline needs no network."
-    )
-    progress: bool = Field(True, description="Show a progress bar on the terminal.")
-
-
 class RunConfig(Section):
     name: str = Field("spear", description="Run name; the run directory is runs_dir/name.")
     runs_dir: str = Field("runs", description="Parent directory (local path or URI) of run dirs.")
@@ -413,6 +403,21 @@ class RunConfig(Section):
         "env.train_seed_start + seed x 100000), sampling, Clip-Cov and replay draws.",
     )
     eval_every_steps: int = Field(10, ge=0, description="Evaluate every N steps (0 = never).")
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Where every metrics row goes: jsonl (RUN_DIR/metrics.jsonl; always on, even "
+        "if omitted), tensorboard (RUN_DIR/tensorboard), wandb (Weights & Biases, files under "
+        "RUN_DIR/wandb; needs the wandb extra). Under Ray the metrics also go to Ray's "
+        "Prometheus metrics (dashboard, Grafana).",
+    )
+    wandb_project: str = Field(
+        "spear-ray", description="W&B project of the run (when run.loggers has wandb)."
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="W&B mode: offline writes RUN_DIR/wandb only, no network (upload later with "
+        "`wandb sync`); online streams to the W&B server (needs WANDB_API_KEY).",
+    )
 
 
 # ----------------------------------------------------------------------------- root
@@ -447,7 +452,6 @@ class SpearConfig(Section):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpointing."
     )
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Loggers.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and length.")
 
     @model_validator(mode="after")

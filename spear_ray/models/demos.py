@@ -11,9 +11,11 @@ the last assistant turn (the observation after it is never shown to the policy).
 Oracles: frozenlake re-plans a BFS shortest path from the current cell every turn; sokoban
 re-solves with the env's BFS solver from the current state; python_math writes a short program
 for the problem's family (read off the generated prompt), reads the interpreter's output, then
-answers `\\boxed{...}`. With probability `noise` a turn is a mistake instead: mostly a random move,
-sometimes an invalid action (grid envs) or a wrong/unchecked answer (python_math), so a policy
-cloned from them succeeds often but far from always. Same arguments -> same demonstrations.
+answers `\\boxed{...}`; textworld follows the game's walkthrough. With probability `noise` a turn
+is a mistake instead: mostly a random move, sometimes an invalid action (grid envs), a
+wrong/unchecked answer (python_math) or a command that changes nothing (textworld: look,
+inventory, examine ...), so a policy cloned from them succeeds often but far from always. Same
+arguments -> same demonstrations.
 
 Grid turns (think=True) first note where things are, then act: `P1,3 G0,1 <action>Up</action>`
 (row,column of the player and the goal, 0-based from the top-left; sokoban lists P, every box X
@@ -42,7 +44,7 @@ from spear_ray.envs.python_math import PythonMathEnv
 from spear_ray.envs.sokoban import solve as sokoban_solve
 
 Message = dict[str, str]
-DEMO_ENVS = ("frozenlake", "sokoban", "python_math")
+DEMO_ENVS = ("frozenlake", "sokoban", "python_math", "textworld")
 _MOVES = ("Up", "Down", "Left", "Right")
 _INVALID = ("<action>Jump</action>", "<action>Stay</action>", "Right", "<action></action>")
 
@@ -90,7 +92,12 @@ def generate_demos(
         raise ValueError(f"no demonstrator for env {env_name!r}; known: {', '.join(DEMO_ENVS)}")
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
-    one = {"frozenlake": frozenlake_demo, "sokoban": sokoban_demo, "python_math": math_demo}
+    one = {
+        "frozenlake": frozenlake_demo,
+        "sokoban": sokoban_demo,
+        "python_math": math_demo,
+        "textworld": textworld_demo,
+    }
     demos = []
     for env_seed in seeds:
         rng = random.Random(f"demo:{env_name}:{seed}:{env_seed}")
@@ -368,3 +375,39 @@ class _Interp:
             )
         self.last_output = result.stdout
         return result
+
+
+# ---------------------------------------------------------------- textworld
+
+_TW_ENVS: dict[str, Any] = {}
+_TW_IDLE = re.compile(r"^(look|inventory|examine .+)$")  # commands that leave the state as it is
+
+
+def textworld_demo(
+    env_seed: int,
+    options: dict,
+    noise: float,
+    rng: random.Random,
+    sandbox: Any = None,
+    think: bool = True,
+) -> Demo:
+    """The game's walkthrough, one command per turn. A noisy turn is a command that changes
+    nothing (look / inventory / examine X, from the admissible list) or, a fifth of the time, an
+    action without its tag; either way the walkthrough goes on where it was."""
+    key = repr(sorted(options.items()))
+    if key not in _TW_ENVS:  # one env (and its loaded game sets) per options, not per demo
+        _TW_ENVS[key] = make_env("textworld", options)
+    env = _TW_ENVS[key]
+    obs = env.reset(env_seed)
+    tag = env.options.action_tag
+    plan = list(env.walkthrough)
+
+    def choose(env) -> str:
+        if plan and rng.random() >= noise:
+            return action_message(plan.pop(0), tag)
+        if rng.random() < 0.2:
+            return rng.choice(("look", f"<{tag}></{tag}>", "go north"))
+        idle = [c for c in env._commands() if _TW_IDLE.match(c)] or ["look"]
+        return action_message(rng.choice(idle), tag)
+
+    return _play("textworld", env, obs, env_seed, choose)

@@ -204,7 +204,8 @@ def warm_start(
         recipe.env, range(recipe.num_demos), recipe.env_options, recipe.noise, seed
     )
     episodes = [encode_chat(tokenizer, d.messages) for d in demos]
-    if not recipe.window_instructions:  # the same episodes, without the rules text
+    if recipe.window_steps > 0 and not recipe.window_instructions:
+        # the same episodes, without the rules text
         options = {**recipe.env_options, "include_instructions": False}
         demos = generate_demos(recipe.env, range(recipe.num_demos), options, recipe.noise, seed)
     windows = [encode_chat(tokenizer, w) for d in demos for w in turn_windows(d.messages)]
@@ -221,7 +222,9 @@ def warm_start(
     for k, (name, examples, steps, batch_size) in enumerate(stages):
         if steps <= 0:
             continue
-        settings = SFTSettings(steps=steps, batch_size=batch_size, lr=recipe.lr)
+        settings = SFTSettings(
+            steps=steps, batch_size=batch_size, lr=recipe.lr, max_len=recipe.max_len
+        )
         stage_log = (lambda msg, name=name: log(f"[{name}] {msg}")) if log else None
         stage_cb = (lambda step, name=name: callback(name, step)) if callback else None
         losses = sft_train(model, examples, settings, seed + k, pad, stage_log, stage_cb)

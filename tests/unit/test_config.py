@@ -279,3 +279,19 @@ def test_config_literals_match_the_algo_registries():
     assert literal(ToolRewardConfig, "combine") == set(algo.TOOL_REWARD_COMBINATIONS)
     assert literal(SilConfig, "schedule") == set(algo.SIL_WEIGHT_SCHEDULES)
     assert literal(BufferConfig, "recalibration") == set(algo.RECALIBRATIONS)
+
+
+def test_a_legacy_logging_section_still_loads(tmp_path):
+    """Run directories from before run.loggers have a `logging:` section; they must resume."""
+    old = tmp_path / "config.yaml"
+    old.write_text(
+        "logging:\n  tensorboard: true\n  wandb: false\n  wandb_project: p\n"
+        "  wandb_mode: offline\n  progress: true\nrun:\n  total_steps: 3\n"
+    )
+    config = load_config(old)
+    assert config.run.loggers == ["jsonl", "tensorboard"]
+    assert config.run.wandb_project == "p"
+    assert config.run.total_steps == 3
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text("logging:\n  tensorboard: false\n")
+    assert load_config(quiet).run.loggers == ["jsonl"]

@@ -134,3 +134,22 @@ def test_parallel_generation_and_eval_split(tmp_path):
         result = env.step(_cmd(command))
     assert result.info.success
     assert all(p.exists() for p in game_paths(TextWorldOptions(**opts), "eval"))
+
+
+def test_walkthrough_demos_win_and_noise_only_idles(tiny):
+    """The textworld demonstrator follows the walkthrough; a noisy turn is a command that leaves
+    the game as it was (or has no tag), so the demo still wins, in more turns."""
+    from spear_ray.models.demos import generate_demos
+
+    clean = generate_demos("textworld", range(2), tiny, noise=0.0)
+    noisy = generate_demos("textworld", range(2), tiny, noise=0.5, seed=3)
+    for c, n in zip(clean, noisy, strict=True):
+        assert c.success and n.success
+        walk = [m["content"] for m in c.messages if m["role"] == "assistant"]
+        assert all(a.startswith("<action>") and a.endswith("</action>") for a in walk)
+        assert len([m for m in n.messages if m["role"] == "assistant"]) > len(walk)
+        # the clean demo's commands appear in the noisy one in the same order
+        said = iter(m["content"] for m in n.messages if m["role"] == "assistant")
+        assert all(any(a == s for s in said) for a in walk)
+    again = generate_demos("textworld", range(2), tiny, noise=0.5, seed=3)
+    assert [d.messages for d in again] == [d.messages for d in noisy]

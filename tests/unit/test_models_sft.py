@@ -106,7 +106,7 @@ def test_demos_are_deterministic_per_seed():
 
 def test_unknown_env_and_bad_noise():
     with pytest.raises(ValueError, match="no demonstrator"):
-        generate_demos("textworld", range(2))
+        generate_demos("webshop", range(2))
     with pytest.raises(ValueError, match="noise"):
         generate_demos("frozenlake", range(2), noise=1.5)
 
