@@ -200,6 +200,8 @@ def warm_start(
     1_000_000) and no sandbox: python_math's oracle program prints a known answer.
     """
     t0 = time.monotonic()
+    if log:
+        log(f"generating {recipe.num_demos} {recipe.env} demonstrations")
     demos = generate_demos(
         recipe.env, range(recipe.num_demos), recipe.env_options, recipe.noise, seed
     )

@@ -291,6 +291,8 @@ def _warm_start(model, tokenizer, recipe: SFTRecipe, seed: int, log) -> dict[str
     result.update(warm_start(model, tokenizer, recipe, seed, log))
     if recipe.eval_episodes:
         seeds = range(EVAL_SEED_START, EVAL_SEED_START + recipe.eval_episodes)
+        if log:
+            log(f"evaluating the warm start on {recipe.eval_episodes} held-out {recipe.env} games")
         sandbox = None
         if recipe.env == "python_math":
             from spear_ray.sandbox import SandboxClient, SandboxConfig
