@@ -34,6 +34,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -239,6 +240,13 @@ def prepare_games(options: TextWorldOptions | dict | None = None) -> dict[str, l
 _PROMPT_LINE = re.compile(r"^\s*>.*$", re.MULTILINE)
 
 
+# TextWorld parses game logic with a module-level tatsu parser that is not thread-safe: two envs
+# starting, resetting or stepping at once in one process (a rollout worker runs its envs on
+# threads) corrupt its stacks ("IndexError: pop from empty list" in tatsu/contexts.py). Every call
+# into textworld holds this lock; a call takes milliseconds, so serialising them costs little.
+_TEXTWORLD_LOCK = threading.RLock()
+
+
 def clean_feedback(text: str) -> str:
     """The game's reply without its '>' prompt/status lines and extra blank lines."""
     text = _PROMPT_LINE.sub("", text)
@@ -298,14 +306,15 @@ class TextWorldEnv(StopAtActionTag):
         if self._game_env is not None and self._game_file == game_file:
             return
         self._close_game()
-        with warnings.catch_warnings():  # jericho: "not fully supported" (score detection off)
+        with _TEXTWORLD_LOCK, warnings.catch_warnings():  # jericho: "not fully supported"
             warnings.simplefilter("ignore")
             self._game_env = textworld.start(str(game_file), request_infos=self._request_infos())
         self._game_file = game_file
 
     def _close_game(self) -> None:
         if self._game_env is not None:
-            self._game_env.close()
+            with _TEXTWORLD_LOCK:
+                self._game_env.close()
         self._game_env = None
         self._game_file = None
 
@@ -330,7 +339,8 @@ class TextWorldEnv(StopAtActionTag):
 
     def reset(self, seed: int) -> str:
         self._open(self.game_for_seed(seed))
-        self.state = self._game_env.reset()
+        with _TEXTWORLD_LOCK:
+            self.state = self._game_env.reset()
         self.walkthrough = list(self.state.get("extra.walkthrough") or [])
         self.turns = 0
         self.done = False
@@ -356,7 +366,8 @@ class TextWorldEnv(StopAtActionTag):
         else:
             admissible = command in self._commands()
             invalid = o.inadmissible_is_invalid and not admissible
-            self.state, _, _ = self._game_env.step(command)
+            with _TEXTWORLD_LOCK:
+                self.state, _, _ = self._game_env.step(command)
             feedback = clean_feedback(self.state.feedback or "")
             won, lost = bool(self.state["won"]), bool(self.state["lost"])
         truncated = not (won or lost) and self.turns >= o.max_turns
