@@ -12,17 +12,32 @@ The workers live in one placement group of `rollout.num_workers` identical bundl
 learning run on separate GPUs.
 `ray.remote` is applied here, in `spawn_rollout_worker`, so every actor option (CPUs, GPUs,
 placement, restarts, concurrency) is visible in one place.
+
+A worker that dies (a SIGKILL, the OOM killer, a crash, or its own exit past
+rollout.max_hung_env_threads) is restarted by Ray, up to `rollout.max_restarts` times. The groups
+it had in flight fail with a RayActorError; each is re-issued to the least-loaded live worker
+(`rollout.group_retries` times per group), past that dropped and counted. Meanwhile the dead
+worker is "recovering" (one restart counted): it gets no work; its `health()` is probed until
+it answers and, since a restarted engine is back at the weights it was built with, it gets the
+last weights `update_weights` sent before it takes groups again. A worker restarted unseen
+(killed while idle) is found by its refusal of a rollout for weights it lacks, or by a new pid
+in `health()`, and recovered the same way. A worker that Ray
+will not restart again (or that does not come back within rollout.restart_timeout_s) is a
+RolloutWorkerError naming it. `PendingRollout.counts` holds what a rollout lost
+(ROLLOUT_COUNTS); the controller logs them as rollout/*.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup
 
-from actors.rollout_worker import RolloutWorker
+from actors.rollout_worker import RolloutWorker, StaleWeightsError
 from spear_ray.agent.loop import Task
 from spear_ray.config import SpearConfig
 from spear_ray.containers import Trajectory
@@ -37,7 +52,12 @@ from spear_ray.placement import (
 
 
 class RolloutWorkerError(RuntimeError):
-    """A rollout worker actor died or failed a call; the message names the worker."""
+    """A rollout worker actor died for good or failed a call; the message names the worker."""
+
+
+# What a rollout lost to worker faults (PendingRollout.counts).
+ROLLOUT_COUNTS = ("worker_restarts", "groups_reissued", "groups_dropped", "samples_dropped")
+PROBE_INTERVAL_S = 1.0  # between health probes of a restarting worker
 
 
 def rollout_bundle(config: SpearConfig) -> dict[str, float]:
@@ -70,36 +90,133 @@ def spawn_rollout_worker(
         "num_gpus": res.gpus_per_rollout_worker,
         # async actor: concurrent rollout_group calls share the event loop and the engine
         "max_concurrency": 1000,
+        # Ray restarts a dead worker; its calls are not retried by Ray (a restarted worker must
+        # first get the current weights): RolloutGroup re-issues the lost groups itself.
+        "max_restarts": config.rollout.max_restarts,
+        "max_task_retries": 0,
     }
     if placement_group is not None:
         actor_options["scheduling_strategy"] = in_bundle(placement_group, worker_index)
     actor_options.update(options)
-    return ray.remote(RolloutWorker).options(**actor_options).remote(config, worker_index)
+    return (
+        ray.remote(RolloutWorker)
+        .options(**actor_options)
+        .remote(config, worker_index, exit_when_hung=True)
+    )
 
 
-def _get(index: int, ref: ray.ObjectRef) -> Any:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayActorError as err:
-        raise RolloutWorkerError(
-            f"rollout worker {index} died: {str(err).splitlines()[0]}"
-        ) from err
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
+@dataclass
+class _Group:
+    """One task's group while it is in flight."""
+
+    task: Task
+    worker: int = -1
+    lost: int = 0  # times lost with its worker (re-issued while lost <= rollout.group_retries)
+    refused: int = 0  # times refused for stale weights by a worker restarted between calls
 
 
 class PendingRollout:
-    """Groups in flight; `stream()` yields each group as soon as it is complete."""
+    """Groups in flight; `stream()` yields each group as soon as it is complete.
 
-    def __init__(self, pending: dict[ray.ObjectRef, int]):
-        self._pending = dict(pending)
+    Groups lost with a dead worker are re-issued or dropped (see the module docstring); `counts`
+    says how many (ROLLOUT_COUNTS), complete once the stream is exhausted."""
+
+    def __init__(self, group: RolloutGroup, tasks: list[Task], **call_kwargs: Any):
+        self._group = group
+        self._call_kwargs = call_kwargs  # weight_version, evaluation
+        self._pending: dict[ray.ObjectRef, _Group] = {}
+        self._parked: list[_Group] = []  # lost groups waiting for a live worker
+        self.counts: dict[str, int] = dict.fromkeys(ROLLOUT_COUNTS, 0)
+        group.poll_recoveries()  # a worker back since the last rollout takes groups again
+        live = group.live_workers()
+        for k, task in enumerate(tasks):  # round-robin over the live workers
+            item = _Group(task)
+            if live:
+                self._submit(item, live[k % len(live)])
+            else:
+                self._parked.append(item)
+
+    def _submit(self, item: _Group, index: int) -> None:
+        item.worker = index
+        ref = self._group.workers[index].rollout_group.remote(task=item.task, **self._call_kwargs)
+        self._pending[ref] = item
+
+    def _dispatch_parked(self) -> None:
+        live = self._group.live_workers()
+        while self._parked and live:
+            load = {i: 0 for i in live}
+            for item in self._pending.values():
+                if item.worker in load:
+                    load[item.worker] += 1
+            self._submit(self._parked.pop(0), min(live, key=lambda i: (load[i], i)))
+
+    def _result(self, ref: ray.ObjectRef, item: _Group) -> list[Trajectory] | None:
+        """The group's trajectories, or None if it was lost (then re-issued or dropped)."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            self._group.lost(item.worker, err)
+            item.lost += 1
+            if item.lost > self._group.config.rollout.group_retries:
+                self.counts["groups_dropped"] += 1
+                self.counts["samples_dropped"] += item.task.num_samples
+            else:
+                self.counts["groups_reissued"] += 1
+                self._parked.append(item)
+            return None
+        except StaleWeightsError as err:
+            # A worker restarted while idle (nobody saw it die) is back at its initial weights.
+            # Not the group's fault: re-issue without using a retry, once the worker has the
+            # weights again (twice for one group would be a bug, not a fault: raise).
+            if item.refused >= 2 or not self._group.can_refresh(
+                self._call_kwargs.get("weight_version")
+            ):
+                raise
+            item.refused += 1
+            self._group.lost(item.worker, err)
+            self.counts["groups_reissued"] += 1
+            self._parked.append(item)
+            return None
 
     def stream(self) -> Iterator[list[Trajectory]]:
-        while self._pending:
-            done, _ = ray.wait(list(self._pending), num_returns=1)
+        group = self._group
+        while self._pending or self._parked:
+            group.poll_recoveries()
+            self.counts["worker_restarts"] += group.take_restarts()
+            self._dispatch_parked()
+            if self._parked and not self._pending and not group.recovering():
+                raise RolloutWorkerError("no rollout worker is left to run the lost groups")
+            refs = list(self._pending) + group.recovery_refs()
+            if not refs:  # only recoveries waiting for their next probe
+                time.sleep(PROBE_INTERVAL_S / 4)
+                continue
+            done, _ = ray.wait(refs, num_returns=1, timeout=PROBE_INTERVAL_S)
             for ref in done:
-                yield _get(self._pending.pop(ref), ref)
+                item = self._pending.pop(ref, None)
+                if item is None:  # a recovery's probe or weight push: polled at the loop's top
+                    continue
+                trajectories = self._result(ref, item)
+                if trajectories is not None:
+                    yield trajectories
+        self.counts["worker_restarts"] += group.take_restarts()
 
     def all(self) -> list[Trajectory]:
         return [traj for group in self.stream() for traj in group]
+
+
+@dataclass
+class _Recovery:
+    """A worker that died (or was restarted) and is not yet back with the current weights."""
+
+    cause: str
+    deadline: float
+    probe: ray.ObjectRef | None = None  # health() in flight
+    push: ray.ObjectRef | None = None  # update_weights() in flight
+    next_probe: float = 0.0
 
 
 class RolloutGroup:
@@ -129,6 +246,11 @@ class RolloutGroup:
             timeout_s=placement_timeout_s,
         )
         self.workers: list[Any] = []
+        self._weights: tuple[Any, int] | None = None  # the last update_weights: (tensors, v)
+        self._pids: dict[int, int] = {}  # worker -> pid last seen (a new one: a restart)
+        self._recovering: dict[int, _Recovery] = {}
+        self._restarts_not_taken = 0
+        self.worker_restarts = 0  # deaths (and unseen restarts) seen over this group's life
         try:
             for i in range(rollout.num_workers):
                 self.workers.append(
@@ -146,31 +268,147 @@ class RolloutGroup:
     def start(
         self, tasks: list[Task], *, weight_version: int | None = None, evaluation: bool = False
     ) -> PendingRollout:
-        """Submit every task's group (round-robin over the workers) and return at once."""
-        pending: dict[ray.ObjectRef, int] = {}
-        for k, task in enumerate(tasks):
-            index = k % len(self.workers)
-            ref = self.workers[index].rollout_group.remote(
-                task=task, weight_version=weight_version, evaluation=evaluation
-            )
-            pending[ref] = index
-        return PendingRollout(pending)
+        """Submit every task's group (round-robin over the live workers) and return at once."""
+        return PendingRollout(self, tasks, weight_version=weight_version, evaluation=evaluation)
 
     def rollout(
         self, tasks: list[Task], *, weight_version: int | None = None, evaluation: bool = False
     ) -> list[Trajectory]:
         return self.start(tasks, weight_version=weight_version, evaluation=evaluation).all()
 
-    def update_weights(self, named_tensors: Any, version: int) -> list[int]:
-        """Load weights (a list of (name, tensor) or an ObjectRef to one) into every worker."""
-        refs = [
-            w.update_weights.remote(named_tensors=named_tensors, version=version)
-            for w in self.workers
-        ]
-        return [_get(i, ref) for i, ref in enumerate(refs)]
+    def update_weights(self, named_tensors: Any, version: int) -> list[int | None]:
+        """Load weights (a list of (name, tensor) or an ObjectRef to one) into every worker.
+
+        They are kept (the previous ones released) for a worker that restarts later. Returns
+        each worker's weight version; None for a worker that is recovering (it gets them when
+        it is back)."""
+        self._weights = (named_tensors, version)
+        refs = {
+            i: self.workers[i].update_weights.remote(named_tensors=named_tensors, version=version)
+            for i in self.live_workers()
+        }
+        versions: list[int | None] = [None] * len(self.workers)
+        for i, ref in refs.items():
+            try:
+                versions[i] = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                self.lost(i, err)
+        return versions
 
     def health(self) -> list[dict[str, Any]]:
-        return [_get(i, w.health.remote()) for i, w in enumerate(self.workers)]
+        """Every worker's health; waits for recovering workers to be back first."""
+        while True:
+            self._await_recoveries()
+            refs = [w.health.remote() for w in self.workers]
+            out = []
+            for i, ref in enumerate(refs):
+                try:
+                    answer = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    self.lost(i, err)
+                    continue
+                out.append(answer)
+                self._pids.setdefault(i, answer["pid"])
+                if answer["pid"] != self._pids[i] or answer["weight_version"] < self.kept_version:
+                    # restarted since it was last seen: count it, send the weights again
+                    self.lost(i, RuntimeError(f"restarted (pid {answer['pid']})"))
+            if not self._recovering:
+                return out
+
+    # ------------------------------------------------------------------ worker recovery
+
+    def live_workers(self) -> list[int]:
+        """Workers that take groups now (not recovering)."""
+        return [i for i in range(len(self.workers)) if i not in self._recovering]
+
+    def recovering(self) -> list[int]:
+        return sorted(self._recovering)
+
+    def lost(self, index: int, err: BaseException) -> None:
+        """Worker `index` failed a call with `err`: it died (Ray restarts it) or was restarted
+        unseen. Count one restart and give it no work until it is back with the current
+        weights (the other calls that fail with the same death add nothing)."""
+        if index not in self._recovering:
+            deadline = time.monotonic() + self.config.rollout.restart_timeout_s
+            self._recovering[index] = _Recovery(_first_line(err), deadline)
+            self.worker_restarts += 1
+            self._restarts_not_taken += 1
+
+    @property
+    def kept_version(self) -> int:
+        """The version of the last weights sent (0: none sent, the initial model)."""
+        return self._weights[1] if self._weights is not None else 0
+
+    def can_refresh(self, weight_version: int | None) -> bool:
+        """Whether re-sending the kept weights gives a worker `weight_version`."""
+        return weight_version is None or weight_version <= self.kept_version
+
+    def take_restarts(self) -> int:
+        """Restarts seen since the last call."""
+        n, self._restarts_not_taken = self._restarts_not_taken, 0
+        return n
+
+    def recovery_refs(self) -> list[ray.ObjectRef]:
+        """The probes and weight pushes in flight (to wait on with the groups)."""
+        return [ref for rec in self._recovering.values() for ref in (rec.probe, rec.push) if ref]
+
+    def poll_recoveries(self) -> None:
+        """Move every recovering worker on without blocking: probe its health until it
+        answers, re-send the kept weights if it lacks them, and make it live again once they
+        are loaded. Raises RolloutWorkerError for a worker
+        Ray will not restart again, or one not back within rollout.restart_timeout_s."""
+        now = time.monotonic()
+        for i, rec in list(self._recovering.items()):
+            ref = rec.push or rec.probe
+            if ref is None:
+                if now >= rec.next_probe:
+                    rec.probe = self.workers[i].health.remote()
+                elif now > rec.deadline:
+                    raise self._not_back(i, rec)
+                continue
+            if not ray.wait([ref], timeout=0)[0]:
+                if now > rec.deadline:
+                    raise self._not_back(i, rec)
+                continue
+            was_probe = rec.push is None
+            rec.probe = rec.push = None
+            try:
+                answer = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:  # restarting (again): probe later
+                rec.next_probe = now + PROBE_INTERVAL_S
+                continue
+            except ray.exceptions.RayActorError as err:  # dead for good
+                raise RolloutWorkerError(
+                    f"rollout worker {i} died and Ray will not restart it "
+                    f"(rollout.max_restarts={self.config.rollout.max_restarts}; restarts seen: "
+                    f"{self.worker_restarts}); it first failed with: {rec.cause}; "
+                    f"then: {_first_line(err)}"
+                ) from err
+            if was_probe:  # a health() answer
+                self._pids[i] = answer["pid"]
+                if answer["weight_version"] < self.kept_version:
+                    tensors, version = self._weights
+                    rec.push = self.workers[i].update_weights.remote(
+                        named_tensors=tensors, version=version
+                    )
+                    continue
+            del self._recovering[i]  # back, with the current weights
+
+    def _await_recoveries(self) -> None:
+        while self._recovering:
+            self.poll_recoveries()
+            refs = self.recovery_refs()
+            if refs:
+                ray.wait(refs, num_returns=1, timeout=PROBE_INTERVAL_S)
+            elif self._recovering:
+                time.sleep(PROBE_INTERVAL_S / 4)
+
+    def _not_back(self, index: int, rec: _Recovery) -> RolloutWorkerError:
+        return RolloutWorkerError(
+            f"rollout worker {index} died and was not back within "
+            f"rollout.restart_timeout_s={self.config.rollout.restart_timeout_s:g}; it failed "
+            f"with: {rec.cause}"
+        )
 
     def shutdown(self) -> None:
         """Shut the workers down (killed after a timeout) and free their placement group."""

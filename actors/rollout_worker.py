@@ -7,6 +7,13 @@ A plain class (testable without Ray); `actors.rollout_group.spawn_rollout_worker
     worker = RolloutWorker(config, worker_index=0)
     trajectories = await worker.rollout(tasks=[Task(...)], weight_version=0)
     await worker.update_weights(named_tensors=..., version=1)
+
+Faults: an env call or generation past its timeout fails only its trajectory (see
+spear_ray/agent/loop.py); the env is not reused and is closed on its own thread, never on the
+event loop. Abandoned env calls that keep running are counted (`health()["hung_env_threads"]`);
+past `rollout.max_hung_env_threads` a worker spawned as an actor exits its process, so Ray
+restarts it (`rollout.max_restarts`) and `RolloutGroup` gives it the current weights again and
+re-issues its unfinished groups.
 """
 
 from __future__ import annotations
@@ -15,15 +22,15 @@ import asyncio
 import contextlib
 import inspect
 import os
+import sys
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from spear_ray.agent.chat import ChatFormat
-from spear_ray.agent.loop import EpisodeSettings, Task, run_episode
+from spear_ray.agent.loop import EnvThreads, EpisodeSettings, Task, run_episode
 from spear_ray.config import SpearConfig
 from spear_ray.containers import Trajectory
 from spear_ray.engines.base import Engine
@@ -42,8 +49,12 @@ class RolloutWorker:
         worker_index: int = 0,
         engine: Engine | None = None,
         tokenizer: Any = None,
+        exit_when_hung: bool = False,
     ):
+        """`exit_when_hung`: exit the process past rollout.max_hung_env_threads (only for a
+        worker that Ray restarts: spawn_rollout_worker sets it)."""
         self.config = config
+        self.exit_when_hung = exit_when_hung
         self.worker_index = worker_index
         model_dir, tokenizer_dir = _model_dirs(config)
         if tokenizer is None:
@@ -59,11 +70,9 @@ class RolloutWorker:
             from spear_ray.sandbox import SandboxClient
 
             self._sandbox = SandboxClient(config.sandbox)
-        # Env steps (sandbox calls, game engines) run here, off the event loop; sized so that
-        # every in-flight trajectory can be inside its env at once.
-        self._env_executor = ThreadPoolExecutor(
-            max_workers=max(8, config.rollout.samples_per_step), thread_name_prefix="env"
-        )
+        # Env calls (sandbox calls, game engines) and closes of failed envs run here, off the
+        # event loop, each on its own daemon thread (a hung one holds no slot others need).
+        self._env_executor = EnvThreads(hung_after_s=config.rollout.env_call_timeout_s)
         self._idle_envs: list[TextEnv] = []
         self.trajectories_done = 0
         self.failures = 0
@@ -83,9 +92,9 @@ class RolloutWorker:
     def _give_back_env(self, env: TextEnv, healthy: bool) -> None:
         if healthy:
             self._idle_envs.append(env)
-        else:  # a failed or timed-out env may still be running in its thread: never reuse it
-            with contextlib.suppress(Exception):  # closing a broken env must not fail a rollout
-                env.close()
+        else:  # a failed or timed-out env may still be running in its thread: never reuse it,
+            # and close it off the event loop (closing a hung env may hang too); nobody waits.
+            self._env_executor.submit(_close_quietly, env)
 
     # ------------------------------------------------------------------ rollout
 
@@ -99,6 +108,8 @@ class RolloutWorker:
             top_p=1.0 if evaluation else r.top_p,
             invalid_action_penalty=self.config.env.invalid_action_penalty,
             trajectory_timeout_s=r.trajectory_timeout_s,
+            env_call_timeout_s=r.env_call_timeout_s,
+            generate_timeout_s=r.generate_timeout_s,
             sampling_seed=self.config.run.seed,
         )
 
@@ -116,7 +127,21 @@ class RolloutWorker:
         self._give_back_env(env, healthy=traj.failure is None)
         self.trajectories_done += 1
         self.failures += int(traj.failure is not None)
+        if traj.failure is not None:
+            self._check_hung_envs()
         return traj
+
+    def _check_hung_envs(self) -> None:
+        hung = self._env_executor.hung()
+        limit = self.config.rollout.max_hung_env_threads
+        if hung > limit and self.exit_when_hung:
+            print(
+                f"rollout worker {self.worker_index}: {hung} env calls hung > "
+                f"rollout.max_hung_env_threads={limit}; exiting so that Ray restarts this worker",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(70)  # not a clean exit: Ray restarts the actor (rollout.max_restarts)
 
     def _check_version(self, weight_version: int | None) -> None:
         have = self.engine.weight_version
@@ -168,6 +193,7 @@ class RolloutWorker:
             "trajectories_done": self.trajectories_done,
             "failures": self.failures,
             "idle_envs": len(self._idle_envs),
+            "hung_env_threads": self._env_executor.hung(),
             "time": time.time(),
         }
 
@@ -179,6 +205,11 @@ class RolloutWorker:
         if self._sandbox is not None:
             self._sandbox.close()
         self.engine.shutdown()
+
+
+def _close_quietly(env: TextEnv) -> None:
+    with contextlib.suppress(Exception):  # closing a broken env must not fail anything
+        env.close()
 
 
 def _model_dirs(config: SpearConfig) -> tuple[str, str]:

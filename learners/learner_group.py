@@ -9,9 +9,12 @@
     learners.shutdown()
 
 Every call fans out to all ranks at once (the ranks meet in collectives) and waits for all of
-them. `update` gives each rank its rows of every mini-batch (`learners.policy.rank_rows`);
-the ranks sum the loss divisors of each mini-batch over the group, so the sharded update equals
-the single-process one. Metrics are combined by the one table METRIC_REDUCTIONS.
+them, failing fast: the first rank that dies or fails ends the wait with a LearnerError naming
+it (a rank blocked in a collective with a dead peer is not waited for; the collective itself
+fails after `learner.collective_timeout_s`). `update` gives each rank its rows of every
+mini-batch (`learners.policy.rank_rows`); the ranks sum the loss divisors of each mini-batch
+over the group, so the sharded update equals the single-process one. Metrics are combined by
+the one table METRIC_REDUCTIONS.
 
 The ranks live in one placement group of `learner.num_ranks` identical bundles (one per rank,
 `resources.cpus_per_learner` / `gpus_per_learner`, `resources.placement_strategy`; see
@@ -34,6 +37,7 @@ from learners.learner_rank import METRIC_REDUCTIONS, LearnerRank
 from learners.policy import PHASES, rank_rows
 from learners.weight_sync import DEFAULT_BUCKET_BYTES, BucketedWeights
 from spear_ray.containers import TrainBatch
+from spear_ray.faults import RunFault
 from spear_ray.placement import (
     PLACEMENT_TIMEOUT_S,
     PlacementError,
@@ -45,11 +49,15 @@ from spear_ray.placement import (
 )
 
 _REDUCERS = {"sum": sum, "max": max, "mean": lambda values: sum(values) / len(values)}
+# After a rank's call fails, how long the other ranks' calls get to finish: when one rank dies,
+# its peers' collectives fail too, and the dead rank (the cause) is the one to name.
+FAULT_GRACE_S = 10.0
 
 
-class LearnerError(RuntimeError):
+class LearnerError(RunFault):
     """A learner rank died or failed a call (the message names the rank), or the ranks could
-    not be placed (then also a PlacementError)."""
+    not be placed (then also a PlacementError). Given the run (LearnerGroup's `run`), the
+    message also names the last checkpoint and the command that resumes the run."""
 
 
 class LearnerPlacementError(LearnerError, PlacementError):
@@ -68,6 +76,13 @@ def reduce_metrics(
             raise KeyError(f"metric {name!r} has no declared reduction in METRIC_REDUCTIONS")
         result[name] = float(_REDUCERS[reductions[name]]([float(m[name]) for m in per_rank]))
     return result
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of a rank's error: a failed call's own exception (not Ray's task header)."""
+    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
+    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(err)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
 
 
 def spawn_learner_rank(config: Any, rank: int, world_size: int, group: Any, **options: Any):
@@ -90,8 +105,10 @@ class LearnerGroup:
         config: Any,
         actor_options: dict[str, Any] | None = None,
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+        run: Any = None,
     ):
         self.config = config
+        self.run = run  # a RunDir: its last checkpoint is named in a LearnerError
         self.num_ranks = config.learner.num_ranks
         res = config.resources
         # One bundle per rank, all placed at once; the ranks' own node_info then finds the
@@ -150,17 +167,45 @@ class LearnerGroup:
     # ------------------------------------------------------------------ fan-out
 
     def _get(self, refs: Sequence[Any]) -> list[Any]:
-        results = []
-        for rank, ref in enumerate(refs):
+        """The ranks' results in rank order, or a LearnerError as soon as any rank's call fails
+        (not only when the ranks before it in order have returned: those may be blocked in a
+        collective with the failed one)."""
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        pending = list(refs)
+        while pending:
+            [ready], pending = ray.wait(pending, num_returns=1)
             try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayActorError as err:
-                raise LearnerError(f"learner rank {rank} died: {str(err).splitlines()[0]}") from err
-            except ray.exceptions.RayTaskError as err:
-                raise LearnerError(
-                    f"learner rank {rank} failed: {str(err).splitlines()[0]}"
-                ) from err
-        return results
+                results[rank_of[ready]] = ray.get(ready)
+            except ray.exceptions.RayError as err:
+                errors = {rank_of[ready]: err}
+                if pending:  # the others' outcome, briefly: a dead rank is the cause to name
+                    done, pending = ray.wait(
+                        pending, num_returns=len(pending), timeout=FAULT_GRACE_S
+                    )
+                    for ref in done:
+                        try:
+                            ray.get(ref)
+                        except ray.exceptions.RayError as other:
+                            errors[rank_of[ref]] = other
+                raise self._error(errors, busy=sorted(rank_of[ref] for ref in pending)) from err
+        return [results[rank] for rank in range(len(refs))]
+
+    def _error(self, errors: Mapping[int, BaseException], busy: Sequence[int]) -> LearnerError:
+        """One LearnerError for the ranks whose calls failed: the first rank that died, else the
+        first that failed; the other failed ranks and those still busy (hung?) are listed."""
+        died = [r for r, e in sorted(errors.items()) if isinstance(e, ray.exceptions.RayActorError)]
+        rank = died[0] if died else min(errors)
+        what = "died" if died else "failed"
+        notes = []
+        if others := sorted(set(errors) - {rank}):
+            notes.append(f"rank {', '.join(map(str, others))} failed too")
+        if busy:
+            notes.append(f"rank {', '.join(map(str, busy))} did not return (hung?)")
+        also = f" ({'; '.join(notes)})" if notes else ""
+        return LearnerError(
+            f"learner rank {rank} {what}: {_first_line(errors[rank])}{also}", run=self.run
+        )
 
     def _call_all(self, method: str, kwargs_per_rank: Sequence[Mapping[str, Any]]) -> list[Any]:
         refs = [

@@ -25,6 +25,7 @@ CUDA_VISIBLE_DEVICES), bf16/fp16 per `model.dtype` with fp32 master weights in t
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import math
 import os
@@ -222,8 +223,11 @@ class LearnerRank:
         if self.on_gpu:  # NOT RUN HERE
             torch.cuda.set_device(0)
             self.device = torch.device("cuda", 0)
+        # A dead or hung peer fails the collectives after this timeout instead of blocking them.
         deepspeed.init_distributed(
-            dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False
+            dist_backend="nccl" if self.on_gpu else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=self.config.learner.collective_timeout_s),
         )
         self._model_dir = resolve_model_path(self.config.model.path)
         ds_config = deepspeed_config(

@@ -206,7 +206,8 @@ def _config_command(args: argparse.Namespace) -> int:
 def _train_command(args: argparse.Namespace) -> int:
     from spear_ray.train import resolve_run, run_training
 
-    config, run, resume = resolve_run(args.config, args.overrides, args.resume)
+    # every check (model, tokenizer, data, --address, resume) runs before the run dir is written
+    config, run, resume = resolve_run(args.config, args.overrides, args.resume, args.address)
     # a progress bar on a terminal; a line per step in a log file or a Ray job's logs
     output = "quiet" if args.quiet else ("bar" if sys.stdout.isatty() else "lines")
     run_training(config, run=run, resume=resume, address=args.address, output=output)
@@ -248,6 +249,8 @@ def _plot_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spear_ray.faults import RunFault
+
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "config":
@@ -265,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"spear-ray: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFault as err:  # one line: what stopped the run, its last checkpoint, --resume
+        print(f"spear-ray: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

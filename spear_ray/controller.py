@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -26,11 +27,12 @@ from learners.learner_group import LearnerGroup
 from spear_ray.agent.loop import Task
 from spear_ray.algo import sil_weight
 from spear_ray.algo.curriculum import TOOL_REWARD_SCHEDULES
-from spear_ray.config import SpearConfig
+from spear_ray.config import ConfigError, SpearConfig
 from spear_ray.config.schema import train_seed_range
 from spear_ray.containers import Trajectory
 from spear_ray.evaluate import evaluate_rollouts
 from spear_ray.experience import process_step
+from spear_ray.faults import NonFiniteGuard
 from spear_ray.run_dir import RunDir
 
 
@@ -72,12 +74,14 @@ class Controller:
         self.pad_token_id = pad_token_id
         self.log = log
         self.weight_version = 0
+        # stops the run after learner.max_nonfinite_in_row non-finite updates in a row
+        self.guard = NonFiniteGuard(config.learner.max_nonfinite_in_row, run=run)
         # Rollout workers first: their engines start while the learner ranks set up.
         self.rollouts = RolloutGroup(config)
         self.learners: LearnerGroup | None = None
         self.buffer = None
         try:
-            self.learners = LearnerGroup(config)
+            self.learners = LearnerGroup(config, run=run)
             if config.algo.sil.enabled:
                 self.buffer = spawn_replay_buffer(config, run.buffer_dir)
             log("waiting for the rollout workers' engines to start")
@@ -104,11 +108,15 @@ class Controller:
             replay_rows = None
             if self.buffer is not None:
                 replay_rows = ray.get(self.buffer.replay_batch.remote(step=t, min_rows=ranks))
+        # Nothing to learn from a step without one valid row (every group dropped or failed).
+        skip_update = not any(traj.is_valid for traj in trajectories)
         with phase("logp_old"):
-            if cfg.learner.logp_old == "recompute":
+            if cfg.learner.logp_old == "recompute" and not skip_update:
                 batch = self.learners.recompute_old_logprobs(batch)
         with phase("update"):
-            on_policy = self.learners.update(batch=batch, step=t, phase="on_policy")
+            on_policy = {}
+            if not skip_update:
+                on_policy = self.learners.update(batch=batch, step=t, phase="on_policy")
         w_sil = sil_weight(
             t,
             total_steps=cfg.algo.sil.ramp_steps,
@@ -122,6 +130,7 @@ class Controller:
                 replay = self.learners.update(
                     batch=replay_batch, step=t, phase="replay", loss_weight=w_sil
                 )
+        on_policy["nonfinite_in_row"] = self.guard.observe(t, on_policy, replay)  # may stop
         with phase("buffer"):  # expire stale rows, admit positive-advantage rows, baseline
             buffer_stats = {}
             if self.buffer is not None:
@@ -154,11 +163,13 @@ class Controller:
             on_policy,
             replay,
             buffer_stats,
-            w_sil,
+            w_sil if cfg.algo.sil.enabled else 0.0,  # what the replay loss is weighted by
             self._tool_lambda(t),
             self.weight_version,
             phase.seconds,
             num_replay_rows=len(replay_rows or []),
+            rollout_counts=self._rollout_counts,
+            update_skipped=skip_update,
         )
 
     # ------------------------------------------------------------------ rollouts
@@ -174,7 +185,9 @@ class Controller:
         # Groups arrive in completion order; batch rows in task order keep the update (and so a
         # resumed run) independent of which worker finished first. The sort is stable: samples
         # stay in their order within a group.
-        return sorted(pending.all(), key=lambda traj: traj.group_id)
+        trajectories = sorted(pending.all(), key=lambda traj: traj.group_id)
+        self._rollout_counts = pending.counts  # what worker faults cost (complete after all())
+        return trajectories
 
     def evaluate(self) -> dict[str, float]:
         metrics, _ = evaluate_rollouts(
@@ -189,7 +202,11 @@ class Controller:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, step: int) -> None:
-        """Everything needed to continue after `step` (the next step to run is step + 1)."""
+        """Everything needed to continue after `step` (the next step to run is step + 1). Not
+        while non-finite updates run in a row: the last checkpoint stays the one before them."""
+        if self.guard.active:
+            self.log(f"checkpoint of step {step} not saved: {self.guard.describe()}")
+            return
         with self.run.checkpoint(step) as directory:
             self.learners.save_checkpoint(directory=str(directory / "learner"), step=step)
             if self.buffer is not None:
@@ -203,6 +220,23 @@ class Controller:
         self.weight_version = step + 1
         self.rollouts.update_weights(self.learners.publish_weights(), self.weight_version)
         return step
+
+    def restore_latest(self, log=None) -> tuple[Path | None, int]:
+        """Restore the newest usable checkpoint: partial or damaged ones (files that differ
+        from the manifest, checksums included) are skipped, each reported to `log` in one line.
+        (checkpoint, its step), or (None, -1) for a run with no checkpoint yet."""
+        log = log or self.log
+        self.run.remove_unfinished(log)
+        checkpoint = self.run.usable_checkpoint(checksums=True, log=log)
+        if checkpoint is None:
+            if self.run.checkpoints_newest_first():
+                raise ConfigError(
+                    f"{self.run.path}: none of its checkpoints is usable (see above); move "
+                    f"{self.run.checkpoints_dir} away to start the run over"
+                )
+            return None, -1
+        self.log(f"loading {checkpoint}")
+        return checkpoint, self.restore(checkpoint)
 
     def shutdown(self) -> None:
         self.rollouts.shutdown()
@@ -228,8 +262,13 @@ def step_metrics(
     version,
     seconds,
     num_replay_rows,
+    rollout_counts=None,
+    update_skipped=False,
 ) -> dict[str, Any]:
     valid = [tr for tr in trajectories if tr.is_valid]
+    rollout_counts = rollout_counts or {}
+    # samples of groups dropped with a dead rollout worker count as failures too
+    dropped = rollout_counts.get("samples_dropped", 0)
     staleness = [version - 1 - tr.weight_version for tr in valid]
     out: dict[str, Any] = {
         "step": t,
@@ -240,7 +279,7 @@ def step_metrics(
         "response_length": _mean([float(tr.response_length) for tr in valid]),
         "tool_calls": _mean([float(tr.tool_calls) for tr in valid]),
         "invalid_actions": _mean([float(tr.invalid_actions) for tr in valid]),
-        "infra_failures": len(trajectories) - len(valid),
+        "infra_failures": len(trajectories) - len(valid) + dropped,
         "staleness/mean": _mean([float(s) for s in staleness]),
         "staleness/max": max(staleness, default=0),
         "spear/w_sil": w_sil,
@@ -249,6 +288,8 @@ def step_metrics(
         "weight_version": version,
     }
     out.update({f"filter/{k}": v for k, v in filter_counts.items()})
+    out.update({f"rollout/{k}": v for k, v in rollout_counts.items()})
+    out["update/skipped_no_valid_rows"] = int(update_skipped)
     out.update({f"update/{k}": v for k, v in on_policy.items()})
     out.update({f"replay/{k}": v for k, v in replay.items()})
     out.update(

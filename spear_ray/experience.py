@@ -5,7 +5,9 @@ Config objects are unpacked here into the explicit scalars of `spear_ray.algo`, 
 stays pure and this file is the one place that maps config fields onto it.
 
 Infrastructure failures (`Trajectory.failure`) are excluded from every group statistic and
-carry no loss; Dr.BoT-filtered samples carry no loss but stay in the group statistics.
+carry no loss; Dr.BoT-filtered samples carry no loss but stay in the group statistics. A group
+left with fewer valid samples than `algo.filters.min_valid_samples` (or than its size, if
+smaller) is dropped whole: no loss, not in the group filter, not in the baseline history.
 """
 
 from __future__ import annotations
@@ -132,6 +134,15 @@ def compute_step_advantages(
     return out
 
 
+def enough_valid(group_ids: torch.Tensor, valid: torch.Tensor, min_valid: int) -> torch.Tensor:
+    """[N] bool: the sample's group has at least min(min_valid, group size) valid samples."""
+    if group_ids.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    _, inverse, sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    valid_per_group = torch.zeros_like(sizes).index_add_(0, inverse, valid.long())
+    return (valid_per_group >= torch.clamp(sizes, max=min_valid))[inverse]
+
+
 # ----------------------------------------------------------------------------- the whole part
 
 
@@ -142,17 +153,25 @@ def process_step(
     apply_tool_bonus(trajectories, step, algo.tool_reward)
     valid = torch.tensor([t.is_valid for t in trajectories], dtype=torch.bool)
     counts = {"infra_failure": int((~valid).sum())}
+    group_ids = torch.tensor([t.group_id for t in trajectories], dtype=torch.long)
+    # From here on a sample of a dropped group counts as invalid: its group has no baseline.
+    enough = enough_valid(group_ids, valid, algo.filters.min_valid_samples)
+    counts["groups_too_few_valid"] = len(set(group_ids[~enough].tolist()))
+    valid &= enough
     train = valid.clone()
     for i, traj in enumerate(trajectories):
-        if not traj.is_valid:
+        if not valid[i]:
             continue
         for reason in drbot_reasons(traj, algo.filters, max_response_tokens):
             counts[reason] = counts.get(reason, 0) + 1
             train[i] = False
     rewards = torch.tensor([t.rewards.total for t in trajectories], dtype=torch.float64)
-    group_ids = torch.tensor([t.group_id for t in trajectories], dtype=torch.long)
     if algo.filters.group_keep_ratio < 1.0:
-        keep_group = group_filter_keep(rewards, group_ids, valid, algo.filters.group_keep_ratio)
+        # Among the groups that are left: a dropped group takes no place in the kept fraction.
+        keep_group = torch.zeros_like(valid)
+        keep_group[enough] = group_filter_keep(
+            rewards[enough], group_ids[enough], valid[enough], algo.filters.group_keep_ratio
+        )
         counts["group_filter"] = int((train & ~keep_group).sum())
         train &= keep_group
     advantages = compute_step_advantages(trajectories, valid, algo)

@@ -53,17 +53,20 @@ def _is_checkpoint_dir(path: Path) -> bool:
     )
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """A run directory (-> its latest complete checkpoint) or a checkpoint directory (which must
-    have its COMPLETE marker) -> the checkpoint; ExportError (one line) otherwise."""
+def resolve_checkpoint(path: str | os.PathLike, log=None) -> Checkpoint:
+    """A run directory (-> its newest usable checkpoint; newer partial or damaged ones are
+    reported to `log`, one line each) or a checkpoint directory (which must have its COMPLETE
+    marker) -> the checkpoint, whose policy files must match the manifest (checksums);
+    ExportError (one line) otherwise."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path}: no such run or checkpoint directory")
     if (path / "config.yaml").is_file():
         run = RunDir(path)
-        latest = run.latest_checkpoint()
+        latest = run.latest_checkpoint(log=log)
         if latest is None:
-            raise ExportError(f"{path}: the run has no complete checkpoint (checkpoints/step_*)")
+            raise ExportError(f"{path}: the run has no usable checkpoint (checkpoints/step_*)")
+        _check_policy_files(run, latest)
         return Checkpoint(latest, _policy_dir(latest), path)
     if not _is_checkpoint_dir(path):
         raise ExportError(
@@ -86,7 +89,25 @@ def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path} is a partial checkpoint (no {COMPLETE} marker: it was being written when "
             f"the run stopped); {previous}"
         )
+    _check_policy_files(RunDir(run_path or path.parent.parent), path)
     return Checkpoint(path, _policy_dir(path), run_path)
+
+
+def _check_policy_files(run: RunDir, checkpoint: Path) -> None:
+    """ExportError if the checkpoint's files are not those it was saved with (sizes, and the
+    policy's checksums), naming the file and the previous usable checkpoint."""
+    problem = run.verify(checkpoint, checksums=False) or run.verify(
+        checkpoint, checksums=True, under=POLICY.as_posix()
+    )
+    if problem is None:
+        return
+    earlier = [
+        p
+        for p in run.checkpoints_newest_first()
+        if p.name < checkpoint.name and not run.verify(p, checksums=False)
+    ]
+    previous = f"the previous usable one is {earlier[0]}" if earlier else "there is no earlier one"
+    raise ExportError(f"{checkpoint} is damaged ({problem.detail}); {previous}")
 
 
 def _policy_dir(checkpoint: Path) -> Path:
@@ -133,7 +154,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, to: str | os.PathLike, log=
     target = Path(to)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} exists and is not empty; export into a new directory")
-    found = resolve_checkpoint(checkpoint)
+    found = resolve_checkpoint(checkpoint, log=log)
     tokenizer_source = found.policy if has_tokenizer(found.policy) else None
     if tokenizer_source is None:
         tokenizer_source = run_tokenizer_path(found.run)

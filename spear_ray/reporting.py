@@ -92,6 +92,27 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- sinks
 
 
+def check_loggers(config: SpearConfig) -> None:
+    """ConfigError (one line) when a sink run.loggers names cannot be imported; writes nothing,
+    so a run that cannot log is refused before its directory holds a partial sink."""
+    if "tensorboard" in config.run.loggers:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+        except ImportError:
+            raise ConfigError(
+                "run.loggers: tensorboard is chosen but the tensorboard package is not "
+                "installed; pip install tensorboard, or remove tensorboard from run.loggers"
+            ) from None
+    if "wandb" in config.run.loggers:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "run.loggers: wandb is chosen but the wandb package is not installed; "
+                "pip install 'spear-ray[wandb]', or remove wandb from run.loggers"
+            ) from None
+
+
 class Sink(Protocol):
     def write(self, step: int, values: dict[str, float]) -> None: ...
 
@@ -174,6 +195,7 @@ class Reporter:
         """The sinks `config.run.loggers` names, plus Ray's metrics (recorded while Ray runs)."""
         from spear_ray.dashboard_metrics import DashboardMetrics
 
+        check_loggers(config)  # before any sink makes its directory in the run
         secrets = secret_values()
         dump = scrub(config.model_dump(mode="json"), secrets)
         sinks: list[Sink] = []

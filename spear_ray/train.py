@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from spear_ray.config import SpearConfig
 from spear_ray.console import OutputMode, TrainOutput, format_duration
+from spear_ray.preflight import resolve_run  # noqa: F401  (the CLI's: checks, then the run dir)
 from spear_ray.reporting import Reporter
 from spear_ray.run_dir import RunDir
 
@@ -76,11 +76,10 @@ def run_training(
         )
         controller = Controller(config, run, pad_token_id=pad_id, log=out.info)
         first = 0
-        if resume:
-            checkpoint = run.latest_checkpoint()
+        if resume:  # the newest usable checkpoint; partial or damaged ones are reported
+            checkpoint, step = controller.restore_latest(log=out.notice)
             if checkpoint is not None:
-                out.info(f"loading {checkpoint}")
-                first = controller.restore(checkpoint) + 1
+                first = step + 1
                 out.notice(f"resumed from {checkpoint} (next step {first})")
                 # rows of steps >= first logged before the interruption are superseded by the
                 # ones that follow this marker (readers keep the last row of a step)
@@ -141,14 +140,3 @@ def _log_success_summary(run: RunDir, log) -> None:
             f"held-out success rate: {first:.3f} after {s0} steps -> {last:.3f} after {s1} "
             f"steps ({last - first:+.3f})"
         )
-
-
-def resolve_run(config_source: str | None, overrides: list[str], resume: str | None):
-    """(config, run dir, resuming?) from the CLI's arguments."""
-    from spear_ray.config import load_config
-
-    if resume:
-        run, config = RunDir.open(Path(resume), overrides)
-        return config, run, True
-    config = load_config(config_source or "demo", overrides)
-    return config, RunDir.create(config), False

@@ -3,22 +3,34 @@
     trajectory = await run_episode(engine, env, chat, settings, task=task, sample_index=k)
 
 Every trajectory advances independently (no turn barrier across the batch): while one waits for
-its sandbox call, the engine keeps batching the others' generations. Env calls run in a thread
-pool (`env_executor`) so a slow tool never blocks the event loop.
+its sandbox call, the engine keeps batching the others' generations. Env calls run on threads
+(`env_executor`, an `EnvThreads` in a rollout worker) so a slow tool never blocks the event loop.
 
 Failures: an exception from the env (including a sandbox infrastructure error) or the engine,
-or the trajectory's wall-clock timeout, marks the trajectory as an infrastructure failure
+one env call past `env_call_timeout_s`, one generation past `generate_timeout_s`, or the
+trajectory's wall-clock timeout, marks the trajectory as an infrastructure failure
 (`Trajectory.failure`), which the controller excludes from group statistics. It is never a
 scored zero. Invalid actions are normal: the env flags them and the loop adds the penalty.
+
+Hung env calls: a Python thread cannot be killed, so an env call past its timeout is abandoned,
+not stopped. `EnvThreads` runs every env call on its own daemon thread: an abandoned call holds
+only that thread (no pool slot that later calls wait for, and it never blocks process exit), and
+`EnvThreads.hung()` counts the abandoned calls still running. The rollout worker reports that
+count and restarts its process past `rollout.max_hung_env_threads` (a process restart is the
+only way to free a thread stuck in a call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import threading
 import time
-from concurrent.futures import Executor
+import traceback
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from spear_ray.agent.chat import ChatFormat
 from spear_ray.algo.filters import is_unreadable
@@ -46,6 +58,8 @@ class EpisodeSettings:
     top_p: float = 1.0
     invalid_action_penalty: float = -0.1
     trajectory_timeout_s: float = 600.0
+    env_call_timeout_s: float | None = None  # one env reset/step (None: only the trajectory's)
+    generate_timeout_s: float | None = None  # one engine.generate call
     sampling_seed: int | None = None  # base of per-request seeds (None = engine's own RNG)
 
 
@@ -83,8 +97,74 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-async def _call_env(executor: Executor | None, fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+class CallTimeout(Exception):
+    """One env call or generation ran past its own timeout (an infrastructure failure)."""
+
+
+class EnvThreads(Executor):
+    """An executor that runs each call on a new daemon thread (see the module docstring).
+
+    A thread per call costs tens of microseconds, nothing next to a generation; in exchange a
+    hung call never occupies a slot other calls need, and a hung thread never blocks the exit of
+    the process. `hung()` is the number of calls still running `hung_after_s` after they began.
+    """
+
+    def __init__(self, hung_after_s: float, name: str = "env"):
+        self.hung_after_s = hung_after_s
+        self._name = name
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._started: dict[int, float] = {}  # call id -> monotonic start, while it runs
+        self._closed = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        if self._closed:
+            raise RuntimeError("EnvThreads: submit after shutdown")
+        future: Future = Future()
+        call = next(self._ids)
+
+        def run() -> None:
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as err:  # delivered to the awaiting coroutine
+                        future.set_exception(err)
+            finally:
+                with self._lock:
+                    self._started.pop(call, None)
+
+        with self._lock:
+            self._started[call] = time.monotonic()
+        threading.Thread(target=run, name=f"{self._name}-{call}", daemon=True).start()
+        return future
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._started)
+
+    def hung(self) -> int:
+        limit = time.monotonic() - self.hung_after_s
+        with self._lock:
+            return sum(started < limit for started in self._started.values())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # Running calls cannot be stopped; their daemon threads end with their call.
+        self._closed = True
+
+
+async def _with_timeout(awaitable, timeout_s: float | None, what: str):
+    if timeout_s is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout=timeout_s)
+    except TimeoutError:  # (the trajectory's own timeout reaches this as a CancelledError)
+        raise CallTimeout(f"timeout: {what} exceeded {timeout_s:g}s") from None
+
+
+async def _call_env(executor: Executor | None, fn, *args, timeout_s=None, what="env call"):
+    call = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    return await _with_timeout(call, timeout_s, what)
 
 
 async def _play(
@@ -98,7 +178,9 @@ async def _play(
     executor: Executor | None,
 ) -> None:
     t0 = time.perf_counter()
-    observation = await _call_env(executor, env.reset, task.env_seed)
+    observation = await _call_env(
+        executor, env.reset, task.env_seed, timeout_s=s.env_call_timeout_s, what="env.reset"
+    )
     ep.timings["env_s"] += time.perf_counter() - t0
     prompt = chat.prompt_ids(observation)
     if len(prompt) > s.max_prompt_tokens:
@@ -127,7 +209,9 @@ async def _play(
             seed=seed,
         )
         t0 = time.perf_counter()
-        gen = await engine.generate(list(ep.token_ids), spec)
+        gen = await _with_timeout(
+            engine.generate(list(ep.token_ids), spec), s.generate_timeout_s, "engine.generate"
+        )
         ep.timings["generate_s"] += time.perf_counter() - t0
         start = len(ep.token_ids)
         ep.append(gen.token_ids, generated=True, logprobs=gen.logprobs)
@@ -137,7 +221,9 @@ async def _play(
         if is_unreadable(text):  # Dr.BoT's unreadable filter reads this flag (SPEAR.md §2)
             ep.extra["unreadable"] = True
         t0 = time.perf_counter()
-        result: StepResult = await _call_env(executor, env.step, text)
+        result: StepResult = await _call_env(
+            executor, env.step, text, timeout_s=s.env_call_timeout_s, what="env.step"
+        )
         ep.timings["env_s"] += time.perf_counter() - t0
         info = result.info
         ep.task_reward += result.reward
@@ -164,6 +250,16 @@ class PromptTooLong(ValueError):
     pass
 
 
+def _where(err: BaseException) -> str:
+    """' (at file:line in function)' of the frame that raised `err`, so an infrastructure
+    failure's one line says where it came from."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+
+
 async def run_episode(
     engine: Engine,
     env: TextEnv,
@@ -188,8 +284,10 @@ async def run_episode(
         failure = f"timeout: trajectory exceeded {settings.trajectory_timeout_s:g}s"
     except asyncio.CancelledError:
         raise
+    except CallTimeout as err:
+        failure = str(err)
     except Exception as err:  # any env/engine failure is an infrastructure failure
-        failure = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+        failure = f"{type(err).__name__}: {err}".splitlines()[0][:500] + _where(err)
     ep.timings["total_s"] = time.perf_counter() - t0
     # A failed episode may have stopped anywhere; keep its arrays consistent for the record.
     if len(ep.turn_spans) > len(ep.turn_rewards):

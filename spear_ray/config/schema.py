@@ -91,6 +91,43 @@ class RolloutConfig(Section):
         gt=0,
         description="Wall-clock limit of one trajectory; past it, an infrastructure failure.",
     )
+    env_call_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Wall-clock limit of one env reset or step (a sandbox call included); past "
+        "it the trajectory is an infrastructure failure and the env is abandoned and closed off "
+        "the event loop.",
+    )
+    generate_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Wall-clock limit of one generation call (one turn); past it the request is "
+        "aborted and the trajectory is an infrastructure failure.",
+    )
+    max_hung_env_threads: int = Field(
+        16,
+        ge=1,
+        description="A rollout worker whose abandoned (timed-out, still running) env calls "
+        "exceed this restarts its process, the only way to free their threads.",
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times Ray restarts a rollout worker that dies (it gets the current weights "
+        "again); a worker that dies once more is a run error naming it.",
+    )
+    group_retries: int = Field(
+        1,
+        ge=0,
+        description="Times a group lost with its worker is re-issued to a live worker; past it "
+        "the group is dropped and counted (rollout/groups_dropped).",
+    )
+    restart_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long the driver waits for a restarted rollout worker to come back "
+        "(engine start-up included) before that is a run error naming it.",
+    )
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM tensor parallelism per worker (GPU)."
     )
@@ -253,6 +290,13 @@ class FilterConfig(Section):
         le=1,
         description="Keep this fraction of groups with the highest reward std (1.0 = off).",
     )
+    min_valid_samples: int = Field(
+        2,
+        ge=1,
+        description="A group with fewer valid (not infrastructure-failed) samples than this, "
+        "or than its size if smaller, is dropped: no loss, left out of the group filter and the "
+        "baseline history, counted in filter/groups_too_few_valid.",
+    )
 
 
 class ToolRewardConfig(Section):
@@ -366,6 +410,22 @@ class LearnerConfig(Section):
         "recompute",
         description="logp_old of the on-policy loss: recomputed by the learner, or the engine's "
         "behaviour log-probs.",
+    )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a learner collective (all-reduce, barrier) waits for the other "
+        "ranks before it fails, so a dead or hung rank stops the run instead of hanging it. "
+        "Must exceed the longest time one rank works alone, e.g. rank 0 writing a checkpoint's "
+        "HF model.",
+    )
+    max_nonfinite_in_row: int = Field(
+        3,
+        ge=0,
+        description="Stop the run after this many training steps in a row whose update was not "
+        "finite (NaN/inf loss or gradients; each such optimizer step is skipped and counted in "
+        "update/skipped); 0 = never stop. No checkpoint is saved while such a streak runs, so "
+        "the last one (the one --resume takes) is from before its first step.",
     )
 
 

@@ -144,7 +144,7 @@ class GymTextEnv(StopAtActionTag):
         else:
             try:
                 action = json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # bad JSON, a >4300-digit number, deep nesting
                 return None
         try:
             return action if space.contains(action) else None

@@ -311,11 +311,19 @@ def row_to_problem(row: Any, where: str, prompt_field: str, answer_field: str) -
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:  # decoded line by line, so a bad byte is named by its line
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                msg = (
+                    f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start} of the"
+                    " line); save the file as UTF-8"
+                )
+                raise MathDataError(msg) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:

@@ -8,13 +8,16 @@ tests live in test_engine_*.py and tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
+import time
 
 import pytest
 
 from spear_ray.agent.chat import ChatFormat, ChatTemplateError
-from spear_ray.agent.loop import EpisodeSettings, Task, run_episode
+from spear_ray.agent.loop import EnvThreads, EpisodeSettings, Task, run_episode
+from spear_ray.config import SpearConfig
 from spear_ray.engines.base import Generation, SamplingSpec
 from spear_ray.envs import make_env
 from spear_ray.envs.base import EnvInfo, StepResult
@@ -200,7 +203,9 @@ class _HangingEnv(_CrashingEnv):
 
 def test_env_crash_is_an_infrastructure_failure_not_a_score(tokenizer, chat):
     traj = _play(ScriptedEngine(tokenizer, ["hi"]), _CrashingEnv(), chat)
-    assert traj.failure == "RuntimeError: game engine segfault"
+    # the one line says what and where: "RuntimeError: game engine segfault (at FILE:LINE in step)"
+    assert traj.failure.startswith("RuntimeError: game engine segfault (at test_agent_loop.py:")
+    assert traj.failure.endswith(" in step)")
     assert not traj.is_valid and traj.rewards.total == 0.0
     assert len(traj.turn_rewards) == len(traj.turn_spans)  # arrays stay consistent
 
@@ -211,7 +216,7 @@ def test_engine_error_and_timeout_are_infrastructure_failures(tokenizer, chat):
         make_env("frozenlake", {}),
         chat,
     )
-    assert traj.failure == "RuntimeError: engine blew up"
+    assert traj.failure.startswith("RuntimeError: engine blew up (at test_agent_loop.py:")
     env = _HangingEnv()
     quick = EpisodeSettings(
         max_tokens_per_turn=8,
@@ -222,6 +227,161 @@ def test_engine_error_and_timeout_are_infrastructure_failures(tokenizer, chat):
     traj = _play(ScriptedEngine(tokenizer, ["go"]), env, chat, quick)
     env.release.set()
     assert traj.failure and traj.failure.startswith("timeout")
+
+
+class _BlockingEnv:
+    """An env whose calls named in `hang_in` ("reset", "step", "close") block until released."""
+
+    def __init__(self, *hang_in: str):
+        self.hang_in = hang_in
+        self.release = threading.Event()
+        self.closed_on: list[str] = []  # names of the threads close() ran on
+
+    def _maybe_hang(self, call: str) -> None:
+        if call in self.hang_in:
+            self.release.wait(60)
+
+    def reset(self, seed):
+        self._maybe_hang("reset")
+        return "start"
+
+    def step(self, action_text):
+        self._maybe_hang("step")
+        return StepResult("next", 0.0, False, EnvInfo())
+
+    def close(self):
+        self.closed_on.append(threading.current_thread().name)
+        self._maybe_hang("close")
+
+
+def _wait_until(condition, limit_s=30.0):
+    """Wait for an outcome (not a timing assertion): True once `condition()` holds."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+PER_CALL = EpisodeSettings(
+    max_tokens_per_turn=64,
+    max_response_tokens=2048,
+    max_prompt_tokens=2048,
+    trajectory_timeout_s=600,  # the per-call limits must fire, not this one
+    env_call_timeout_s=0.3,
+    generate_timeout_s=0.3,
+)
+
+
+@pytest.mark.parametrize("call", ["reset", "step"])
+def test_a_hung_env_call_hits_its_own_timeout_and_does_not_hold_the_others(tokenizer, chat, call):
+    threads = EnvThreads(hung_after_s=PER_CALL.env_call_timeout_s)
+    hung = _BlockingEnv(call)
+
+    async def both():
+        # a healthy trajectory runs beside the hung one, on the same executor
+        return await asyncio.gather(
+            run_episode(
+                ScriptedEngine(tokenizer, ["go"]),
+                hung,
+                chat,
+                PER_CALL,
+                task=TASK,
+                sample_index=0,
+                env_executor=threads,
+            ),
+            run_episode(
+                ScriptedEngine(tokenizer, _frozenlake_solution(TASK.env_seed)),
+                make_env("frozenlake", {}),
+                chat,
+                SETTINGS,
+                task=TASK,
+                sample_index=1,
+                env_executor=threads,
+            ),
+        )
+
+    try:
+        failed, healthy = asyncio.run(both())
+        assert failed.failure == f"timeout: env.{call} exceeded 0.3s" and not failed.is_valid
+        assert healthy.failure is None and healthy.success
+        # the hung call still runs, abandoned on its own thread, and is counted
+        assert threads.running() == 1 and threads.hung() == 1
+        # a later trajectory is not held up by the abandoned thread
+        again = _play(
+            ScriptedEngine(tokenizer, _frozenlake_solution(TASK.env_seed)),
+            make_env("frozenlake", {}),
+            chat,
+        )
+        assert again.success
+    finally:
+        hung.release.set()
+    assert _wait_until(lambda: threads.running() == 0)  # released: the thread is gone
+    assert threads.hung() == 0
+
+
+def test_a_hung_generation_hits_its_own_timeout(tokenizer, chat):
+    engine = ScriptedEngine(tokenizer, ["<action>Up</action>"], delay_s=600)
+    traj = _play(engine, make_env("frozenlake", {}), chat, PER_CALL)
+    assert traj.failure == "timeout: engine.generate exceeded 0.3s"
+    assert not traj.is_valid and len(engine.requests) == 1
+
+
+def _worker(tmp_path, tokenizer, **rollout):
+    from actors.rollout_worker import RolloutWorker
+
+    config = SpearConfig.model_validate(
+        {
+            "model": {"path": str(tmp_path)},  # not loaded: the engine and tokenizer are given
+            "env": {"name": "frozenlake"},
+            "rollout": {"env_call_timeout_s": 0.3, **rollout},
+        }
+    )
+    return RolloutWorker(config, engine=ScriptedEngine(tokenizer, ["go"]), tokenizer=tokenizer)
+
+
+def test_a_rollout_worker_closes_a_hung_env_off_the_event_loop(tmp_path, tokenizer):
+    worker = _worker(tmp_path, tokenizer)
+    envs = [_BlockingEnv("step", "close") for _ in range(2)]
+    worker._take_env = list(envs).pop
+    try:
+        group = asyncio.run(
+            worker.rollout_group(task=Task("t", group_id=0, env_seed=1, num_samples=2))
+        )
+        assert [t.failure for t in group] == ["timeout: env.step exceeded 0.3s"] * 2
+        # rollout_group returned while both closes hang: they run on env threads, not the loop
+        assert _wait_until(lambda: all(env.closed_on for env in envs))
+        assert all(env.closed_on[0].startswith("env-") for env in envs)
+        assert worker.health()["hung_env_threads"] >= 2 and worker.failures == 2
+        assert worker._idle_envs == []  # a failed env is never reused
+    finally:
+        for env in envs:
+            env.release.set()
+    worker.shutdown()
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_worker_past_max_hung_env_threads_exits_its_process(
+    tmp_path, tokenizer, monkeypatch, limit
+):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    worker = _worker(tmp_path, tokenizer, max_hung_env_threads=limit)
+    worker.exit_when_hung = True  # as spawn_rollout_worker sets it for a Ray actor
+    envs = [_BlockingEnv("step") for _ in range(2)]
+    worker._take_env = list(envs).pop
+    try:
+        asyncio.run(worker.rollout_group(task=Task("t", group_id=0, env_seed=1, num_samples=2)))
+        hung = worker.health()["hung_env_threads"]
+    finally:
+        for env in envs:
+            env.release.set()
+    assert hung == 2
+    if limit == 1:  # 2 hung > 1: the process exits (with an exit code Ray restarts it for)
+        assert exits and set(exits) == {70}
+    else:
+        assert exits == []
 
 
 def test_tokenizer_without_chat_template_is_a_one_line_error(tokenizer):

@@ -115,3 +115,114 @@ def test_gigpo_gives_one_advantage_per_turn_and_a_train_batch_takes_them():
     batch = exp.train_batch(pad_token_id=0)
     start, end = trajs[0].turn_spans[2]
     assert batch.advantages[0, start:end].tolist() == pytest.approx([exp.advantages[0][2]] * 3)
+
+
+def test_a_group_with_too_few_valid_samples_is_dropped_and_the_others_are_unchanged():
+    algo = _algo(filters={"group_keep_ratio": 0.67}, tool_reward={"enabled": False})
+    kept = [
+        *[_traj(0, r) for r in (1.0, 0.0, 0.0)],
+        _traj(0, 0.0, failure="timeout: env.step exceeded 120s"),  # 3 valid of 4: kept
+        *[_traj(2, r) for r in (1.0, 0.5, 0.5, 0.5)],
+    ]
+    one_valid = [_traj(1, 5.0), *[_traj(1, 0.0, failure="sandbox died") for _ in range(3)]]
+    a = process_step(list(kept), 0, algo, 100)
+    b = process_step([*kept[:4], *one_valid, *kept[4:]], 0, algo, 100)
+    # group 1 has 1 valid sample < algo.filters.min_valid_samples = 2: dropped whole
+    assert (
+        b.filter_counts["groups_too_few_valid"] == 1
+        and a.filter_counts["groups_too_few_valid"] == 0
+    )
+    assert b.advantages[4:8] == [0.0] * 4 and b.train_mask[4:8] == [False] * 4
+    # the others: advantages bitwise equal, the same groups kept by the group filter (3 groups
+    # x 0.67 would keep 2; the dropped group takes no place, so 2 x 0.67 keeps 1, as without it)
+    assert b.advantages[:4] + b.advantages[8:] == a.advantages
+    assert b.train_mask[:4] + b.train_mask[8:] == a.train_mask
+    assert a.train_mask == [True, True, True, False, False, False, False, False]
+    # nor is it in the baseline history (its one valid reward 5.0 would raise the mean)
+    assert b.group_means.tolist() == a.group_means.tolist() == pytest.approx([1 / 3, 0.625])
+
+
+def test_min_valid_samples_is_configurable_and_capped_by_the_group_size():
+    trajs = [_traj(0, 1.0), _traj(0, 0.0), _traj(0, 0.5, failure="sandbox died"), _traj(1, 1.0)]
+    strict_algo = _algo(
+        filters={"group_keep_ratio": 1.0, "min_valid_samples": 3}, tool_reward={"enabled": False}
+    )
+    strict = process_step(list(trajs), 0, strict_algo, 100)
+    # group 0: 2 valid < 3, dropped; group 1 has one sample (a group of size 1 cannot have 3):
+    # it is kept, as a group of one always was (its advantage is 0: no one to compare with)
+    assert strict.filter_counts["groups_too_few_valid"] == 1
+    assert strict.train_mask == [False, False, False, True]
+    assert strict.group_means.tolist() == pytest.approx([1.0])
+    lenient = process_step(list(trajs), 0, _algo(**NO_FILTERS), 100)
+    assert lenient.filter_counts["groups_too_few_valid"] == 0
+    assert lenient.train_mask == [True, True, False, True]
+
+
+def test_a_step_with_no_trajectories_gives_an_empty_batch():
+    exp = process_step([], 0, _algo(), 100)
+    assert exp.train_batch(pad_token_id=0).rows == 0 and exp.group_means.numel() == 0
+
+
+class _FakeLearners:
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def recompute_old_logprobs(self, batch):
+        self.calls.append("recompute_old_logprobs")
+        return batch
+
+    def update(self, *, batch, step, phase, loss_weight=1.0):
+        self.calls.append(f"update:{phase}:{batch.rows}")
+        return {"loss": 0.5}
+
+    def publish_weights(self):
+        return "weights"
+
+
+@pytest.mark.parametrize(
+    "trajectories, infra_failures",
+    [
+        ([], 8),  # every group dropped with a dead rollout worker
+        ([_traj(0, 0.0, failure="worker died"), _traj(0, 1.0, failure="timeout")], 10),
+        ([_traj(0, 0.0), _traj(0, 1.0)], 8),  # valid rows: the update runs
+    ],
+)
+def test_a_step_without_one_valid_row_skips_the_update_and_counts_it(trajectories, infra_failures):
+    """Controller.step on fakes (no Ray): an empty or all-failed rollout does not reach the
+    learner (whose update refuses an empty batch) and the step's metrics say so."""
+    from types import SimpleNamespace
+
+    from spear_ray.controller import Controller
+    from spear_ray.faults import NonFiniteGuard
+
+    config = SpearConfig.model_validate(
+        {
+            "env": {"name": "frozenlake"},
+            "algo": {"sil": {"enabled": False}},
+            "run": {"total_steps": 1},
+        }
+    )
+    counts = {"worker_restarts": 1, "groups_reissued": 0, "groups_dropped": 4, "samples_dropped": 8}
+    learners = _FakeLearners()
+    synced = []
+    ctl = SimpleNamespace(
+        config=config,
+        pad_token_id=0,
+        buffer=None,
+        learners=learners,
+        rollouts=SimpleNamespace(update_weights=lambda w, v: synced.append((w, v))),
+        guard=NonFiniteGuard(3),
+        weight_version=0,
+        _pending=SimpleNamespace(all=lambda: list(trajectories), counts=counts),
+    )
+    ctl._collect_rollout = lambda t: Controller._collect_rollout(ctl, t)
+    ctl._tool_lambda = lambda t: Controller._tool_lambda(ctl, t)
+    metrics = Controller.step(ctl, 0)
+    usable = any(t.is_valid for t in trajectories)
+    assert learners.calls == (
+        ["recompute_old_logprobs", f"update:on_policy:{len(trajectories)}"] if usable else []
+    )
+    assert metrics["update/skipped_no_valid_rows"] == int(not usable)
+    assert metrics["rollout/groups_dropped"] == 4 and metrics["rollout/worker_restarts"] == 1
+    assert metrics["infra_failures"] == infra_failures
+    assert synced == [("weights", 1)]  # the step still completes: weights go out as usual
