@@ -38,9 +38,16 @@ def evaluation_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     """Success rate and mean task reward over the valid trajectories, and the infra failures
     (excluded from both, never scored zero): the keys `Controller.evaluate` logs."""
     valid = [t for t in trajectories if t.is_valid]
+    if not valid:  # nothing was measured: NaN (logged as null), never a success rate of 0
+        nan = float("nan")
+        return {
+            "eval/success_rate": nan,
+            "eval/task_reward": nan,
+            "eval/infra_failures": len(trajectories),
+        }
     return {
-        "eval/success_rate": sum(t.success for t in valid) / max(len(valid), 1),
-        "eval/task_reward": sum(t.rewards.task for t in valid) / max(len(valid), 1),
+        "eval/success_rate": sum(t.success for t in valid) / len(valid),
+        "eval/task_reward": sum(t.rewards.task for t in valid) / len(valid),
         "eval/infra_failures": len(trajectories) - len(valid),
     }
 

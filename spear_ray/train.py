@@ -122,9 +122,11 @@ def _evaluate(controller, reporter: Reporter, *, step: int, out: TrainOutput) ->
     out.info(f"evaluating on {tasks} held-out tasks")
     metrics = controller.evaluate()
     reporter.log({"step": step, **metrics})
+    failed = metrics["eval/infra_failures"]
+    lost = f" ({failed} infrastructure failures, not counted)" if failed else ""
     out.notice(
         f"eval after {step} steps: success rate {metrics['eval/success_rate']:.3f} "
-        f"on {tasks} held-out tasks"
+        f"on {tasks} held-out tasks{lost}"
     )
     return metrics
 
@@ -132,7 +134,9 @@ def _evaluate(controller, reporter: Reporter, *, step: int, out: TrainOutput) ->
 def _log_success_summary(run: RunDir, log) -> None:
     """One line comparing the run's first and last held-out evaluation."""
     evals = {
-        r["step"]: r["eval/success_rate"] for r in run.read_metrics() if "eval/success_rate" in r
+        r["step"]: r["eval/success_rate"]
+        for r in run.read_metrics()
+        if r.get("eval/success_rate") is not None
     }
     if len(evals) >= 2:
         (s0, first), (s1, last) = min(evals.items()), max(evals.items())

@@ -226,3 +226,17 @@ def test_a_step_without_one_valid_row_skips_the_update_and_counts_it(trajectorie
     assert metrics["rollout/groups_dropped"] == 4 and metrics["rollout/worker_restarts"] == 1
     assert metrics["infra_failures"] == infra_failures
     assert synced == [("weights", 1)]  # the step still completes: weights go out as usual
+
+
+def test_evaluation_with_only_infrastructure_failures_measures_nothing():
+    """All-failed evaluations are NaN (logged as null), never a success rate of 0."""
+    import math
+
+    from spear_ray.evaluate import evaluation_metrics
+
+    failed = [_traj(k, 0.0, failure="RuntimeError: boom") for k in range(3)]
+    metrics = evaluation_metrics(failed)
+    assert math.isnan(metrics["eval/success_rate"]) and metrics["eval/infra_failures"] == 3
+    mixed = evaluation_metrics([*failed, _traj(9, 1.0)])
+    assert mixed["eval/infra_failures"] == 3
+    assert mixed["eval/task_reward"] == 1.0
