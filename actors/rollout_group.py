@@ -131,6 +131,10 @@ class PendingRollout:
         self._pending: dict[ray.ObjectRef, _Group] = {}
         self._parked: list[_Group] = []  # lost groups waiting for a live worker
         self.counts: dict[str, int] = dict.fromkeys(ROLLOUT_COUNTS, 0)
+        # start -> last group back: the rollout's own wall time, also when it overlapped the
+        # previous step's update (async_steps=1), where the step's rollout phase is only a wait
+        self.started = time.monotonic()
+        self.finished: float | None = None
         group.poll_recoveries()  # a worker back since the last rollout takes groups again
         live = group.live_workers()
         for k, task in enumerate(tasks):  # round-robin over the live workers
@@ -203,6 +207,12 @@ class PendingRollout:
                 if trajectories is not None:
                     yield trajectories
         self.counts["worker_restarts"] += group.take_restarts()
+        self.finished = time.monotonic()
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """Seconds from start to the last group back (None while groups are in flight)."""
+        return None if self.finished is None else self.finished - self.started
 
     def all(self) -> list[Trajectory]:
         return [traj for group in self.stream() for traj in group]

@@ -170,6 +170,7 @@ class Controller:
             num_replay_rows=len(replay_rows or []),
             rollout_counts=self._rollout_counts,
             update_skipped=skip_update,
+            rollout_seconds=self._rollout_seconds,
         )
 
     # ------------------------------------------------------------------ rollouts
@@ -187,6 +188,7 @@ class Controller:
         # stay in their order within a group.
         trajectories = sorted(pending.all(), key=lambda traj: traj.group_id)
         self._rollout_counts = pending.counts  # what worker faults cost (complete after all())
+        self._rollout_seconds = pending.wall_seconds
         return trajectories
 
     def evaluate(self) -> dict[str, float]:
@@ -264,6 +266,7 @@ def step_metrics(
     num_replay_rows,
     rollout_counts=None,
     update_skipped=False,
+    rollout_seconds=None,
 ) -> dict[str, Any]:
     valid = [tr for tr in trajectories if tr.is_valid]
     rollout_counts = rollout_counts or {}
@@ -290,6 +293,10 @@ def step_metrics(
     out.update({f"filter/{k}": v for k, v in filter_counts.items()})
     out.update({f"rollout/{k}": v for k, v in rollout_counts.items()})
     out["update/skipped_no_valid_rows"] = int(update_skipped)
+    if rollout_seconds:  # generated (policy) tokens per second of the rollout's own wall time
+        generated = sum(sum(tr.loss_mask) for tr in trajectories)
+        out["rollout/seconds"] = rollout_seconds
+        out["rollout/tokens_per_s"] = generated / rollout_seconds
     out.update({f"update/{k}": v for k, v in on_policy.items()})
     out.update({f"replay/{k}": v for k, v in replay.items()})
     out.update(

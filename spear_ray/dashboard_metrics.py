@@ -179,8 +179,13 @@ METRICS: tuple[SpearMetric, ...] = (
     SpearMetric(
         "spear_tokens_per_second",
         "gauge",
-        "Learner throughput: tokens forwarded per second of each update (summed over ranks).",
-        {"update/tokens_per_s": "update", "replay/tokens_per_s": "update_replay"},
+        "Throughput: generated tokens per second of the rollout's wall time (stage rollout); "
+        "tokens forwarded per second of each update, summed over ranks (update stages).",
+        {
+            "rollout/tokens_per_s": "rollout",
+            "update/tokens_per_s": "update",
+            "replay/tokens_per_s": "update_replay",
+        },
         tag="stage",
     ),
 )

@@ -66,6 +66,7 @@ def _rows() -> tuple[dict, dict]:
         4,
         {"rollout": 2.0, "experience": 0.5, "update": 1.5},
         num_replay_rows=2,
+        rollout_seconds=4.0,
     )
     evaluation = {"step": 5, **evaluation_metrics(trajectories)}
     return step, evaluation
@@ -141,4 +142,6 @@ def test_recorded_rows_reach_rays_prometheus_endpoint(ray_local):
     }
     assert buckets[2.0] == 0 and buckets[5.0] == 1  # the step took 4 s
     assert value("ray_spear_tokens_per_second", stage="update") == pytest.approx(800.0)
+    # 3 trajectories (the failed one generated too) x 3 generated tokens, over 4 s of rollout
+    assert value("ray_spear_tokens_per_second", stage="rollout") == pytest.approx(9 / 4.0)
     assert value("ray_spear_tokens_per_second", stage="update_replay") == pytest.approx(0.5)
