@@ -41,6 +41,8 @@ import psutil
 import pytest
 import torch
 
+from tests.tiny_run import tiny_run_overrides
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent  # spear-ray
@@ -49,32 +51,15 @@ KILL_AFTER = 1  # SIGKILL once checkpoint step_000001 exists
 RUN_TIMEOUT_S = 900  # per subprocess; a hang fails the test here
 MARKER = "SPEAR_TEST_DRIVER_KILL"
 
-OVERRIDES = [
-    "model.path=builtin:tiny-random",
-    "model.dtype=float32",
-    "rollout.num_workers=1",
-    "rollout.prompts_per_step=2",
-    "rollout.samples_per_prompt=4",
-    "rollout.max_tokens_per_turn=8",
-    "rollout.max_response_tokens=256",
-    "rollout.cpu_kv_cache_gib=0.25",
-    "rollout.async_steps=0",
-    "env.options={max_turns: 3}",
-    "env.eval_tasks=4",
-    "learner.num_ranks=2",
-    "learner.tokens_per_micro_batch=1024",
-    "resources.cpus_per_learner=0.5",
-    "resources.cpus_per_rollout_worker=0.5",
-    # a random model's turns are all invalid/unreadable: keep them trainable here
-    "algo.filters.void_turn=false",
-    "algo.filters.unreadable=false",
-    "algo.filters.group_keep_ratio=1.0",
-    "buffer.size=2",
-    f"run.total_steps={STEPS}",
-    "run.eval_every_steps=0",
-    "checkpoint.every_steps=1",
-    f"checkpoint.keep_last={STEPS}",
-]
+OVERRIDES = tiny_run_overrides(
+    {
+        "rollout.samples_per_prompt": 4,
+        "rollout.async_steps": 0,
+        "learner.num_ranks": 2,
+        "run.total_steps": STEPS,
+        "checkpoint.keep_last": STEPS,
+    }
+)
 
 
 class Train:

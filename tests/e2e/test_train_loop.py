@@ -17,33 +17,19 @@ import torch
 from spear_ray.config import load_config
 from spear_ray.run_dir import RunDir
 from spear_ray.train import run_training
+from tests.tiny_run import tiny_run_overrides
 
-OVERRIDES = [
-    "model.path=builtin:tiny-random",
-    "model.dtype=float32",
-    "rollout.num_workers=2",
-    "rollout.prompts_per_step=4",
-    "rollout.samples_per_prompt=4",
-    "rollout.max_tokens_per_turn=8",
-    "rollout.async_steps=1",
-    "rollout.max_response_tokens=256",
-    "rollout.cpu_kv_cache_gib=0.25",
-    "env.options={max_turns: 3}",
-    "env.eval_tasks=4",
-    "learner.num_ranks=2",
-    "learner.tokens_per_micro_batch=1024",
-    "resources.cpus_per_learner=0.5",
-    "resources.cpus_per_rollout_worker=0.5",
-    # a random model's turns are all invalid/unreadable: keep them trainable here
-    "algo.filters.void_turn=false",
-    "algo.filters.unreadable=false",
-    "algo.filters.group_keep_ratio=1.0",
-    "buffer.size=2",
-    "algo.sil.ramp_steps=4",
-    "run.total_steps=3",
-    "run.eval_every_steps=0",
-    "checkpoint.every_steps=1",
-]
+OVERRIDES = tiny_run_overrides(
+    {
+        "rollout.num_workers": 2,
+        "rollout.prompts_per_step": 4,
+        "rollout.samples_per_prompt": 4,
+        "rollout.async_steps": 1,
+        "learner.num_ranks": 2,
+        "algo.sil.ramp_steps": 4,
+        "run.total_steps": 3,
+    }
+)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ import psutil
 import pytest
 import requests
 
+from tests.tiny_run import tiny_run_overrides
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,29 +38,7 @@ BIN = Path(sys.executable).parent  # ray, spear-ray
 JOB_TIMEOUT_S = 600
 
 # the smallest run that really trains: 1 vLLM rollout worker, 1 DeepSpeed rank, the buffer actor
-TRAIN_OVERRIDES = [
-    "model.path=builtin:tiny-random",
-    "model.dtype=float32",
-    "rollout.num_workers=1",
-    "rollout.prompts_per_step=2",
-    "rollout.samples_per_prompt=2",
-    "rollout.max_tokens_per_turn=8",
-    "rollout.max_response_tokens=256",
-    "rollout.cpu_kv_cache_gib=0.25",
-    "env.options={max_turns: 3}",
-    "env.eval_tasks=4",
-    "learner.num_ranks=1",
-    "learner.tokens_per_micro_batch=1024",
-    "resources.cpus_per_learner=0.5",
-    "resources.cpus_per_rollout_worker=0.5",
-    # a random model's turns are all invalid/unreadable: keep them trainable here
-    "algo.filters.void_turn=false",
-    "algo.filters.unreadable=false",
-    "algo.filters.group_keep_ratio=1.0",
-    "buffer.size=2",
-    "run.eval_every_steps=0",
-    "checkpoint.every_steps=1",
-]
+TRAIN_OVERRIDES = tiny_run_overrides()
 JOB_ENV_VARS = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from spear_ray.envs import make_env
 from spear_ray.envs.registry import known_envs
 from spear_ray.sandbox.result import ExecResult
+from tests.unit.test_env_textworld import TINY as TEXTWORLD_TINY
 
 # No small number anywhere: a gym Discrete space would read it as an action.
 GARBAGE = {
@@ -38,18 +39,6 @@ GARBAGE = {
     "code_nonsense": "<code>\u00a7\u2206 this is not python \u2206\u00a7</code>",
 }
 
-TEXTWORLD_TINY = {
-    "recipe": 1,
-    "take": 1,
-    "go": 1,
-    "open": False,
-    "cook": False,
-    "cut": False,
-    "num_train_games": 2,
-    "num_eval_games": 1,
-    "gen_workers": 1,
-    "split": "train",
-}
 # A tagged command is sent to the game unless inadmissible_is_invalid: the game answers it.
 TEXTWORLD_SENT = {"huge_tag", "nested", "tag_nonsense", "deep_json", "huge_digits"}
 
