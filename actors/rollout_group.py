@@ -51,6 +51,24 @@ from spear_ray.placement import (
 )
 
 
+class WeightsLostError(RuntimeError):
+    """The published weights a worker was to load are gone: the learner rank that owned them
+    died (Ray's OwnerDiedError / ObjectLostError). A learner fault, not a rollout one."""
+
+    def __init__(self, version: int, err: BaseException):
+        super().__init__(
+            f"the weights of version {version} were lost before every rollout worker loaded "
+            f"them (the learner rank that published them died): {_first_line(err)}"
+        )
+
+
+def weights_lost(err: BaseException) -> bool:
+    """Whether `err` (from ray.get on a worker's weight load) means the weights' owner died."""
+    cause = getattr(err, "cause", None)
+    lost = ray.exceptions.ObjectLostError  # OwnerDiedError is one
+    return isinstance(err, lost) or isinstance(cause, lost)
+
+
 class RolloutWorkerError(RuntimeError):
     """A rollout worker actor died for good or failed a call; the message names the worker."""
 
@@ -303,6 +321,10 @@ class RolloutGroup:
                 versions[i] = ray.get(ref)
             except ray.exceptions.RayActorError as err:
                 self.lost(i, err)
+            except Exception as err:
+                if weights_lost(err):
+                    raise WeightsLostError(version, err) from err
+                raise
         return versions
 
     def health(self) -> list[dict[str, Any]]:
@@ -387,13 +409,12 @@ class RolloutGroup:
             except ray.exceptions.ActorUnavailableError:  # restarting (again): probe later
                 rec.next_probe = now + PROBE_INTERVAL_S
                 continue
-            except ray.exceptions.RayActorError as err:  # dead for good
-                raise RolloutWorkerError(
-                    f"rollout worker {i} died and Ray will not restart it "
-                    f"(rollout.max_restarts={self.config.rollout.max_restarts}; restarts seen: "
-                    f"{self.worker_restarts}); it first failed with: {rec.cause}; "
-                    f"then: {_first_line(err)}"
-                ) from err
+            except Exception as err:
+                if not was_probe and weights_lost(err):  # the kept weights' owner died
+                    raise WeightsLostError(self.kept_version, err) from err
+                if isinstance(err, ray.exceptions.RayActorError):
+                    raise self._dead_for_good(i, rec, err) from err
+                raise
             if was_probe:  # a health() answer
                 self._pids[i] = answer["pid"]
                 if answer["weight_version"] < self.kept_version:
@@ -412,6 +433,14 @@ class RolloutGroup:
                 ray.wait(refs, num_returns=1, timeout=PROBE_INTERVAL_S)
             elif self._recovering:
                 time.sleep(PROBE_INTERVAL_S / 4)
+
+    def _dead_for_good(self, i: int, rec: _Recovery, err: BaseException) -> RolloutWorkerError:
+        return RolloutWorkerError(
+            f"rollout worker {i} died and Ray will not restart it "
+            f"(rollout.max_restarts={self.config.rollout.max_restarts}; restarts seen: "
+            f"{self.worker_restarts}); it first failed with: {rec.cause}; "
+            f"then: {_first_line(err)}"
+        )
 
     def _not_back(self, index: int, rec: _Recovery) -> RolloutWorkerError:
         return RolloutWorkerError(

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from actors.rollout_group import PendingRollout, RolloutGroup
+from actors.rollout_group import PendingRollout, RolloutGroup, WeightsLostError
 from buffers.actor import spawn_replay_buffer
 from buffers.replay_buffer import ReplayEntry, replay_train_batch
 from learners.learner_group import LearnerGroup
@@ -32,7 +32,7 @@ from spear_ray.config.schema import train_seed_range
 from spear_ray.containers import Trajectory
 from spear_ray.evaluate import evaluate_rollouts
 from spear_ray.experience import process_step
-from spear_ray.faults import NonFiniteGuard
+from spear_ray.faults import NonFiniteGuard, RunFault
 from spear_ray.run_dir import RunDir
 
 
@@ -95,6 +95,13 @@ class Controller:
     # ------------------------------------------------------------------ the step
 
     def step(self, t: int) -> dict[str, Any]:
+        """One training step (SPEAR.md §8); its metrics row."""
+        try:
+            return self._step(t)
+        except WeightsLostError as err:  # a learner rank died after publishing its weights
+            raise RunFault(str(err), run=self.run) from err
+
+    def _step(self, t: int) -> dict[str, Any]:
         cfg, phase = self.config, Phases()
         ranks = cfg.learner.num_ranks
         with phase("rollout"):

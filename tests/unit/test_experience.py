@@ -213,10 +213,11 @@ def test_a_step_without_one_valid_row_skips_the_update_and_counts_it(trajectorie
         rollouts=SimpleNamespace(update_weights=lambda w, v: synced.append((w, v))),
         guard=NonFiniteGuard(3),
         weight_version=0,
-        _pending=SimpleNamespace(all=lambda: list(trajectories), counts=counts),
+        _pending=SimpleNamespace(all=lambda: list(trajectories), counts=counts, wall_seconds=2.0),
     )
     ctl._collect_rollout = lambda t: Controller._collect_rollout(ctl, t)
     ctl._tool_lambda = lambda t: Controller._tool_lambda(ctl, t)
+    ctl._step = lambda t: Controller._step(ctl, t)
     metrics = Controller.step(ctl, 0)
     usable = any(t.is_valid for t in trajectories)
     assert learners.calls == (
