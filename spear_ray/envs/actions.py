@@ -54,6 +54,17 @@ def extract_action(text: str, tag: str = "action", fallback: ActionFallback = "n
     return None
 
 
+SHOWN_ACTION_CHARS = 80
+
+
+def shown_action(action: str | None, limit: int = SHOWN_ACTION_CHARS) -> str:
+    """An invalid action as the next observation quotes it: repr(), cut to `limit` characters
+    (a 100 kB reply must not become a 100 kB observation)."""
+    if action is None or len(action) <= limit:
+        return repr(action)
+    return f"{action[:limit]!r}... ({len(action)} characters)"
+
+
 def format_hint(tag: str) -> str:
     """One sentence that tells the model how to write its action."""
     return f"Write your action inside <{tag}></{tag}> tags, e.g. <{tag}>ACTION</{tag}>."

@@ -26,6 +26,7 @@ from spear_ray.envs.actions import (
     extract_action,
     format_hint,
     parse_grid_move,
+    shown_action,
 )
 from spear_ray.envs.base import EnvError, EnvInfo, StepResult
 
@@ -186,8 +187,8 @@ class FrozenLakeEnv(StopAtActionTag):
         obs = grid
         if move is None:
             obs = (
-                f"Invalid action {action!r}: expected one of Up, Down, Left, Right inside"
-                f" <{o.action_tag}></{o.action_tag}>.\n{grid}"
+                f"Invalid action {shown_action(action)}: expected one of Up, Down, Left, Right"
+                f" inside <{o.action_tag}></{o.action_tag}>.\n{grid}"
             )
         elif fell:
             obs = f"You fell into a hole.\n{grid}"

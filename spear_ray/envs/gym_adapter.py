@@ -23,7 +23,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from spear_ray.envs.actions import StopAtActionTag, TurnOptions, extract_action, format_hint
+from spear_ray.envs.actions import (
+    StopAtActionTag,
+    TurnOptions,
+    extract_action,
+    format_hint,
+    shown_action,
+)
 from spear_ray.envs.base import EnvError, EnvInfo, StepResult
 
 ENV_NAME = "gym"
@@ -174,8 +180,8 @@ class GymTextEnv(StopAtActionTag):
             truncated = self.turns >= o.max_turns
             self.done = truncated
             obs = (
-                f"Invalid action {extracted!r} for action space {self.env.action_space}.\n"
-                f"{self.last_text}"
+                f"Invalid action {shown_action(extracted)} for action space "
+                f"{self.env.action_space}.\n{self.last_text}"
             )
             info = EnvInfo(
                 invalid_action=True,

@@ -29,6 +29,7 @@ from spear_ray.envs.actions import (
     extract_action,
     format_hint,
     parse_grid_move,
+    shown_action,
 )
 from spear_ray.envs.base import EnvError, EnvInfo, StepResult
 
@@ -285,7 +286,7 @@ class SokobanEnv(StopAtActionTag):
         obs = grid
         if moves is None:
             obs = (
-                f"Invalid action {action!r}: expected up to {o.max_actions_per_turn} of"
+                f"Invalid action {shown_action(action)}: expected up to {o.max_actions_per_turn} of"
                 f" Up, Down, Left, Right inside <{o.action_tag}></{o.action_tag}>.\n{grid}"
             )
         info = EnvInfo(

@@ -179,3 +179,20 @@ def test_frozenlake_slippery_is_seeded():
 def test_frozenlake_min_moves_must_fit_the_map():
     with pytest.raises(ValueError, match="min_solution_moves"):
         make_env("frozenlake", {"size": 2, "min_solution_moves": 3})
+
+
+def test_a_huge_invalid_action_is_quoted_cut_short():
+    """The next observation quotes an invalid action, but never more than SHOWN_ACTION_CHARS
+    of it (a 100 kB reply must not become a 100 kB observation); short ones are quoted whole."""
+    from spear_ray.envs import make_env
+    from spear_ray.envs.actions import SHOWN_ACTION_CHARS
+
+    for name in ("frozenlake", "sokoban"):
+        env = make_env(name, {"action_fallback": "whole_text"})
+        env.reset(0)
+        huge = env.step("x" * 100_000)
+        assert huge.info.invalid_action
+        assert len(huge.observation) < SHOWN_ACTION_CHARS + 400
+        assert "(100000 characters)" in huge.observation
+        env.reset(0)
+        assert "'Jump'" in env.step("Jump").observation
