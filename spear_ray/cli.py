@@ -248,10 +248,20 @@ def _plot_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_override(text: str) -> bool:
+    return "=" in text and not text.startswith("-")
+
+
 def main(argv: list[str] | None = None) -> int:
     from spear_ray.faults import RunFault
 
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after an option (`train a=b --quiet c=d`): argparse leaves the later ones over
+    if extra and hasattr(args, "overrides") and all(_is_override(e) for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "config":
             return _config_command(args)

@@ -133,3 +133,22 @@ def test_experiment_quiet_filters_the_runs_step_lines(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == ["[1/1] a/b/seed0: done in 5s"]
     assert cli.main(["experiment", "spec.yaml"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_overrides_may_come_before_and_after_an_option(monkeypatch):
+    """`spear-ray train a=b --quiet c=d` keeps both overrides; a stray non-override is an error."""
+    import spear_ray.train as train
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(
+        train,
+        "resolve_run",
+        lambda config, overrides, *rest: seen.append(overrides) or ("c", "r", False),
+    )
+    monkeypatch.setattr(train, "run_training", lambda config, **kw: None)
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert cli.main(["train", "run.total_steps=2", "--quiet", "learner.lr=0.1"]) == 0
+    assert seen == [["run.total_steps=2", "learner.lr=0.1"]]
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["train", "run.total_steps=2", "--quiet", "oops"])
+    assert caught.value.code == 2
