@@ -143,13 +143,8 @@ class WandbSink:
     continues it); offline mode writes RUN_DIR/wandb/offline-run-*/ and needs no network."""
 
     def __init__(self, config: SpearConfig, run: RunDir, config_dump: dict[str, Any]):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError(
-                "run.loggers: wandb is chosen but the wandb package is not installed; "
-                "pip install 'spear-ray[wandb]', or remove wandb from run.loggers"
-            ) from None
+        import wandb  # check_loggers (Reporter.open) has already said if it is missing
+
         directory = run.path / "wandb"
         directory.mkdir(parents=True, exist_ok=True)
         id_file = directory / "run_id"

@@ -71,6 +71,24 @@ def nan_batch(group: LearnerGroup, seed: int):
     return batch
 
 
+def _stall_in_update(rank, marker):
+    """Runs inside a rank: it signals that it is inside update, then stays there (until it is
+    killed, or FAULT_BOUND_S x 2)."""
+
+    def stalled(*args, **kwargs):
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(FAULT_BOUND_S * 2)
+
+    rank._train_mini_batch = stalled
+
+
+def _stall_rank1_in_update(learners, tmp_path) -> Path:
+    """Make rank 1's next update stall; the file it writes when it gets there."""
+    marker = tmp_path / "rank1_in_update"
+    ray.get(learners.ranks[1].__ray_call__.remote(_stall_in_update, str(marker)))
+    return marker
+
+
 def test_nan_updates_in_a_row_stop_the_run_naming_the_checkpoint_before_them(group):
     learners, run = group
     guard = NonFiniteGuard(limit=3, run=run)
@@ -99,18 +117,7 @@ def test_nan_updates_in_a_row_stop_the_run_naming_the_checkpoint_before_them(gro
 def test_a_rank_killed_during_an_update_is_named_and_the_update_does_not_hang(group, tmp_path):
     learners, run = group
     pid = learners.info[1]["pid"]
-    marker = tmp_path / "rank1_in_update"
-
-    def stall_in_update(rank, marker):
-        """Rank 1 signals that it is inside update, then stays there (until it is killed)."""
-
-        def stalled(*args, **kwargs):
-            Path(marker).write_text(str(os.getpid()))
-            time.sleep(FAULT_BOUND_S * 2)
-
-        rank._train_mini_batch = stalled
-
-    ray.get(learners.ranks[1].__ray_call__.remote(stall_in_update, str(marker)))
+    marker = _stall_rank1_in_update(learners, tmp_path)
     batch = with_behaviour_logprobs(learners, make_batch(seed=30), seed=130)
     pool = ThreadPoolExecutor(max_workers=1)
     try:
@@ -145,16 +152,7 @@ def test_a_hung_rank_fails_the_collective_after_the_collective_timeout(ray_local
     raw["learner"]["collective_timeout_s"] = 15
     learners = LearnerGroup(SpearConfig.model_validate(raw))
     try:
-        marker = tmp_path / "rank1_in_update"
-
-        def stall_in_update(rank, marker):
-            def stalled(*args, **kwargs):
-                Path(marker).write_text(str(os.getpid()))
-                time.sleep(FAULT_BOUND_S * 2)
-
-            rank._train_mini_batch = stalled
-
-        ray.get(learners.ranks[1].__ray_call__.remote(stall_in_update, str(marker)))
+        _stall_rank1_in_update(learners, tmp_path)
         batch = with_behaviour_logprobs(learners, make_batch(seed=40), seed=140)
         pool = ThreadPoolExecutor(max_workers=1)
         try:
