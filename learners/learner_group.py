@@ -151,6 +151,7 @@ class LearnerGroup:
         nodes = self._call_all("node_info", [{}] * self.num_ranks)
         # Rendezvous at rank 0's node, on a port found free there just now.
         master_addr, master_port = nodes[0]["ip"], nodes[0]["free_port"]
+        self.rendezvous = (master_addr, master_port)
         local = [
             {
                 "local_rank": sum(n["node_id"] == node["node_id"] for n in nodes[:r]),

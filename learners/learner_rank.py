@@ -229,6 +229,8 @@ class LearnerRank:
             auto_mpi_discovery=False,
             timeout=datetime.timedelta(seconds=self.config.learner.collective_timeout_s),
         )
+        if not self.on_gpu:
+            release_shm_buffer(master_addr, master_port, self.rank)
         self._model_dir = resolve_model_path(self.config.model.path)
         ds_config = deepspeed_config(
             self.config.learner, world_size=self.world_size, precision=self.precision
@@ -582,6 +584,31 @@ class LearnerRank:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         self.engine = None
+
+
+SHM_BUFFER_DIR = Path("/dev/shm")
+
+
+def shm_buffer_path(master_addr: str, master_port: int, rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU allreduce op creates for `rank`
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp: deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+    return SHM_BUFFER_DIR / name
+
+
+def release_shm_buffer(master_addr: str, master_port: int, rank: int) -> None:
+    """Unlink this rank's 69 MB shared-memory buffer once every rank has mapped every other's.
+
+    DeepSpeed never unlinks it, so each learner start left one per rank in /dev/shm (RAM) for
+    good: 15 GB of them filled this 24 GB machine until Ray's memory monitor killed a run. The
+    op opens the buffers by name only inside init_distributed, so after a barrier the names are
+    no longer needed; the memory stays mapped and is freed when the last rank exits, a SIGKILL
+    included."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    shm_buffer_path(master_addr, master_port, rank).unlink(missing_ok=True)
 
 
 def _partitioned_loading(ds_config: dict[str, Any]) -> Any:

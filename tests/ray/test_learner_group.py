@@ -10,6 +10,7 @@ communication op (~35 s or more, cached afterwards).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -296,6 +297,31 @@ def test_sharded_update_equals_the_single_process_reference(learners, model_dir)
         # fp32 rounding differs (2 ranks, micro-batches); Adam magnifies it on the tiny
         # gradient entries up to ~2e-6 here, against moves of ~4e-3
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_no_shared_memory_buffer_is_left_in_dev_shm(learners):
+    """DeepSpeed's CPU allreduce buffers (69 MB a rank) are unlinked once every rank has mapped
+    them: a run never leaves them in /dev/shm, even when its ranks are killed. The update tests
+    around this one show the collectives still work."""
+    from learners.learner_rank import SHM_BUFFER_DIR, shm_buffer_path
+
+    group, _, _ = learners
+    addr, port = group.rendezvous
+    for rank in range(group.num_ranks):
+        assert not shm_buffer_path(addr, port, rank).exists()
+    assert not list(SHM_BUFFER_DIR.glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_*"))
+
+
+def test_release_unlinks_the_ranks_buffer_file(tmp_path, monkeypatch):
+    import learners.learner_rank as learner_rank
+
+    monkeypatch.setattr(learner_rank, "SHM_BUFFER_DIR", tmp_path)
+    path = learner_rank.shm_buffer_path("10.0.0.1", 29500, 1)
+    assert path.name == f"deepspeed_allreduce_buffer_{os.getuid()}_10.0.0.1_29500_1"
+    path.write_bytes(b"x")
+    learner_rank.release_shm_buffer("10.0.0.1", 29500, 1)  # no process group here: no barrier
+    assert not path.exists()
+    learner_rank.release_shm_buffer("10.0.0.1", 29500, 1)  # already gone: fine
 
 
 def test_both_ranks_hold_identical_parameters(learners):
