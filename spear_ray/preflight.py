@@ -33,7 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from spear_ray.config import ConfigError, SpearConfig, load_config
-from spear_ray.config.load import parse_yaml_with_lines, resolve_source
+from spear_ray.config.load import (
+    config_differences,
+    flat_fields,
+    parse_yaml_with_lines,
+    resolve_source,
+)
 from spear_ray.run_dir import COMPLETE, RunDir
 
 ADDRESS_TIMEOUT_S = 5.0
@@ -219,13 +224,8 @@ def _checkpoint_state(run: RunDir) -> str:
 
 def check_resume_changes(stored: SpearConfig, resumed: SpearConfig, origin: Origin) -> None:
     """Refuse an override on --resume that changes a field outside RESUMABLE_FIELDS."""
-    before, after = (
-        _flatten(stored.model_dump(mode="json")),
-        _flatten(resumed.model_dump(mode="json")),
-    )
-    for field in sorted(before.keys() | after.keys()):
-        if before.get(field) == after.get(field):
-            continue
+    before, after = flat_fields(stored), flat_fields(resumed)
+    for field in config_differences(stored, resumed):
         if any(fnmatch.fnmatchcase(field, pattern) for pattern in RESUMABLE_FIELDS):
             continue
         raise origin.error(
@@ -243,15 +243,6 @@ def _resumable() -> str:
         section, _, rest = pattern.partition(".")
         sections.setdefault(section, []).append(rest)
     return ", ".join(f"{section}.{'/'.join(rest)}" for section, rest in sections.items())
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): value}
 
 
 def _show(value: Any) -> str:

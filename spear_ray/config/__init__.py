@@ -1,6 +1,12 @@
 """Configuration: frozen pydantic models loaded from YAML plus dotted overrides."""
 
-from spear_ray.config.load import ConfigError, config_to_yaml, load_config, preset_names
+from spear_ray.config.load import (
+    ConfigError,
+    config_differences,
+    config_to_yaml,
+    load_config,
+    preset_names,
+)
 from spear_ray.config.schema import (
     AlgoConfig,
     BufferConfig,
@@ -20,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "RolloutConfig",
     "SpearConfig",
+    "config_differences",
     "config_to_yaml",
     "load_config",
     "preset_names",

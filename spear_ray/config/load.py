@@ -80,6 +80,30 @@ def _migrate_legacy(data: dict[str, Any]) -> None:
                 run.setdefault(key, legacy[key])
 
 
+def config_differences(
+    a: SpearConfig, b: SpearConfig, ignored: frozenset[str] = frozenset()
+) -> list[str]:
+    """The dotted fields (env.options.* included) whose values differ, sorted; `ignored` ones
+    left out. Used where a stored config meets a new one: a resume, an experiment's runs."""
+    flat_a, flat_b = flat_fields(a), flat_fields(b)
+    keys = sorted((flat_a.keys() | flat_b.keys()) - ignored)
+    return [key for key in keys if flat_a.get(key) != flat_b.get(key)]
+
+
+def flat_fields(config: SpearConfig) -> dict[str, Any]:
+    """Every field of `config` by its dotted name, env.options.* included."""
+    return _flatten(config.model_dump(mode="json"))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
 def config_to_yaml(config: SpearConfig) -> str:
     """The fully resolved config as YAML (every field, defaults included)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, width=100)

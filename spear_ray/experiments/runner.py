@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spear_ray.config import SpearConfig, load_config
+from spear_ray.config import SpearConfig, config_differences, load_config
 from spear_ray.experiments.spec import ExperimentSpec, RunSpec, SpecError
 from spear_ray.run_dir import RunDir
 
@@ -55,7 +55,10 @@ def run_state(path: str | Path, config: SpearConfig) -> str:
     run = RunDir(path)
     if not run.config_file.is_file():
         raise SpecError(f"{path} exists but is not a run directory (no config.yaml); move it away")
-    differing = config_differences(load_config(run.config_file), config)
+    # where the run directory lives does not count
+    differing = config_differences(
+        load_config(run.config_file), config, frozenset({"run.runs_dir", "run.name"})
+    )
     if differing:
         shown = ", ".join(differing[:5]) + (
             f" and {len(differing) - 5} more" if len(differing) > 5 else ""
@@ -67,25 +70,6 @@ def run_state(path: str | Path, config: SpearConfig) -> str:
     if is_finished(path, config.run.total_steps):
         return FINISHED
     return RESUME if run.latest_checkpoint() is not None else RESTART
-
-
-def config_differences(a: SpearConfig, b: SpearConfig) -> list[str]:
-    """Dotted fields whose values differ (where the run directory lives does not count)."""
-    flat_a, flat_b = _flatten(a.model_dump(mode="json")), _flatten(b.model_dump(mode="json"))
-    ignored = {"run.runs_dir", "run.name"}
-    keys = sorted((flat_a.keys() | flat_b.keys()) - ignored)
-    return [k for k in keys if flat_a.get(k) != flat_b.get(k)]
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "options":
-            out.update(_flatten(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
 
 
 @dataclass
