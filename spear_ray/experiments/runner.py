@@ -4,7 +4,10 @@ Runs go one after another through `run_training` in one Ray session (a small mac
 two at once). Each run's state decides what happens to it:
 
 - new:      no directory yet -> created and trained from step 0;
-- finished: its last step is logged and its final checkpoint is COMPLETE -> skipped;
+- finished: it holds the runner's FINISHED marker (written when its training returned), or its
+            last step is logged and its final checkpoint is COMPLETE -> skipped. The marker lets
+            a finished run keep only config.yaml + metrics.jsonl (all the summary reads): its
+            checkpoints may be deleted, or the small files archived and copied back later;
 - resume:   it has a COMPLETE checkpoint -> continued from it (`run_training(resume=True)`);
 - restart:  it has a directory but no COMPLETE checkpoint (killed before its first one) -> removed
             and started again (its replay buffer's durable state would be ahead of step 0).
@@ -27,6 +30,7 @@ from spear_ray.experiments.spec import ExperimentSpec, RunSpec, SpecError
 from spear_ray.run_dir import RunDir
 
 NEW, FINISHED, RESUME, RESTART = "new", "finished", "resume", "restart"
+FINISHED_MARKER = "FINISHED"
 
 
 class ExperimentError(RuntimeError):
@@ -38,6 +42,8 @@ def is_finished(path: str | Path, total_steps: int) -> bool:
     final evaluation), so nothing of it is left to do."""
     from spear_ray.plots import read_curves
 
+    if (Path(path) / FINISHED_MARKER).is_file():
+        return True
     run = RunDir(path)
     latest = run.latest_checkpoint()
     last = total_steps - 1
@@ -184,3 +190,6 @@ def _train_one(planned: PlannedRun, train: Callable[..., Any], log) -> None:
         train(planned.config, run=run, resume=True, log=log)
     else:
         train(planned.config, run=RunDir.create(planned.config), resume=False, log=log)
+    # written last, so a marker always means the whole run (final eval and checkpoint) is done
+    marker = planned.path / FINISHED_MARKER
+    marker.write_text(f"{planned.config.run.total_steps} steps\n", encoding="utf-8")

@@ -588,6 +588,22 @@ def test_run_experiment_skips_resumes_restarts_and_summarises(tmp_path):
     assert again == []
     assert sum(line.endswith(": finished, skipped") for line in lines) == 4
 
+    # runs the runner finished carry its marker, so they stay finished with their checkpoints
+    # gone (archived as config.yaml + metrics.jsonl); the one finished before this call has none
+    import shutil
+
+    for label in ("frozenlake/grpo/seed1", "frozenlake/drbot_spear/seed1"):
+        assert (runs[label].path(root) / "FINISHED").is_file()
+        shutil.rmtree(runs[label].path(root) / "checkpoints")
+    assert not (done.path(root) / "FINISHED").exists()
+    shutil.rmtree(done.path(root) / "checkpoints")
+    assert [p.state for p in plan_runs(spec, root)] == [
+        "restart",
+        "finished",
+        "finished",
+        "finished",
+    ]
+
 
 def test_a_failing_run_stops_the_grid_unless_keep_going(tmp_path):
     from spear_ray.experiments import ExperimentError
