@@ -618,3 +618,35 @@ def test_a_failing_run_stops_the_grid_unless_keep_going(tmp_path):
     with pytest.raises(ExperimentError, match=r"2 run\(s\) failed: frozenlake/grpo/seed0: "):
         run_experiment(spec, tmp_path / "b", log=lambda line: None, train=broken, keep_going=True)
     assert (tmp_path / "b" / "summary.json").is_file()  # what there is, summarised anyway
+
+
+def test_results_json_copies_the_summarys_numbers(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "results_json.py"
+    module_spec = importlib.util.spec_from_file_location("results_json", path)
+    results_json = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(results_json)
+
+    spec = parse_spec(_spec_dict(steps=4))
+    root = tmp_path / "exp"
+    summary = run_experiment(spec, root, log=lambda line: None, train=_fake_train([]))
+    out = tmp_path / "results.json"
+    assert results_json.main([str(root / "summary.json"), str(out), "--wall-seconds", "12"]) == 0
+    results = json.loads(out.read_text())
+    assert results["wall_seconds"] == 12 and results["baseline"] == "grpo"
+    for name, variant in summary["envs"]["frozenlake"]["variants"].items():
+        got = results["envs"]["frozenlake"]["variants"][name]
+        assert got["final_success_per_seed"] == variant["final_eval_success"]["per_seed"]
+        assert (
+            got["steps_to_baseline_final_per_seed"]
+            == (variant["steps_to_baseline_final"]["per_seed"])
+        )
+    # held-out evals at steps 0 and 4 only: both fake SPEAR seeds reach GRPO's final mean (0.205)
+    # at step 4; GRPO's seed 0 ends at 0.20, below its own mean, and never reaches it (null)
+    variants = results["envs"]["frozenlake"]["variants"]
+    assert variants["drbot_spear"]["steps_to_baseline_final_per_seed"] == [4, 4]
+    assert variants["grpo"]["steps_to_baseline_final_per_seed"] == [None, 4]
+    capsys.readouterr()
+    assert results_json.main([str(tmp_path / "missing.json"), str(out)]) == 2
+    assert "not an experiment summary.json" in capsys.readouterr().err
