@@ -75,8 +75,12 @@ def _host_pid(inner_pid: int, under: int) -> int:
 
 def _leftover_processes(client: SandboxClient) -> list[tuple[int, int, int]]:
     """Host processes under one of the sandbox's per-call uids, except the warm ones: children
-    of the zygote, locked down and waiting for a call (at most warm_children, one per uid)."""
+    of the zygote, locked down and waiting for a call (at most warm_children, one per uid).
+    Only this sandbox's: its processes share the zygote's pid namespace (bwrap --unshare-pid),
+    and no process can leave it, so another sandbox on the machine (a python_math run beside
+    the tests, with the same uids) is not counted, while any orphan of this one still is."""
     zygote = _host_pid(client.server_info["zygote_pid"], client.server_pid or 0)
+    namespace = os.readlink(f"/proc/{zygote}/ns/pid")
     lo, hi = CFG.uid_base, CFG.uid_base + CFG.max_concurrent
     found, warm = [], []
     for name in os.listdir("/proc"):
@@ -84,6 +88,8 @@ def _leftover_processes(client: SandboxClient) -> list[tuple[int, int, int]]:
             continue
         try:
             status = Path(f"/proc/{name}/status").read_text()
+            if os.readlink(f"/proc/{name}/ns/pid") != namespace:
+                continue
         except OSError:
             continue
         field = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
