@@ -93,3 +93,14 @@ def test_rerunning_skips_finished_runs(experiment):
 
     run_experiment(spec, root, log=lines.append, train=no_training)
     assert sum(line.endswith("finished, skipped") for line in lines) == 2
+
+    # archived as docs/results/ keeps them (config.yaml, metrics.jsonl, FINISHED): still finished
+    archive = root.parent / (root.name + "-archive")
+    for run in spec.runs():
+        source, target = run.path(root), run.path(archive)
+        target.mkdir(parents=True)
+        for name in ("config.yaml", "metrics.jsonl", "FINISHED"):
+            (target / name).write_bytes((source / name).read_bytes())
+    lines = []
+    run_experiment(spec, archive, log=lines.append, train=no_training)
+    assert sum(line.endswith("finished, skipped") for line in lines) == 2
