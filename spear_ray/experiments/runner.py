@@ -38,8 +38,8 @@ class ExperimentError(RuntimeError):
 
 
 def is_finished(path: str | Path, total_steps: int) -> bool:
-    """The run logged its last training step and wrote the final checkpoint (written after the
-    final evaluation), so nothing of it is left to do."""
+    """Nothing of the run is left to do: it holds the runner's FINISHED marker, or it logged its
+    last training step and wrote the final checkpoint (written after the final evaluation)."""
     from spear_ray.plots import read_curves
 
     if (Path(path) / FINISHED_MARKER).is_file():

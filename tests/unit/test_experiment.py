@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -590,8 +591,6 @@ def test_run_experiment_skips_resumes_restarts_and_summarises(tmp_path):
 
     # runs the runner finished carry its marker, so they stay finished with their checkpoints
     # gone (archived as config.yaml + metrics.jsonl); the one finished before this call has none
-    import shutil
-
     for label in ("frozenlake/grpo/seed1", "frozenlake/drbot_spear/seed1"):
         assert (runs[label].path(root) / "FINISHED").is_file()
         shutil.rmtree(runs[label].path(root) / "checkpoints")
@@ -638,10 +637,8 @@ def test_results_json_copies_the_summarys_numbers(tmp_path, capsys):
     for name, variant in summary["envs"]["frozenlake"]["variants"].items():
         got = results["envs"]["frozenlake"]["variants"][name]
         assert got["final_success_per_seed"] == variant["final_eval_success"]["per_seed"]
-        assert (
-            got["steps_to_baseline_final_per_seed"]
-            == (variant["steps_to_baseline_final"]["per_seed"])
-        )
+        reach = variant["steps_to_baseline_final"]["per_seed"]
+        assert got["steps_to_baseline_final_per_seed"] == reach
     # held-out evals at steps 0 and 4 only: both fake SPEAR seeds reach GRPO's final mean (0.205)
     # at step 4; GRPO's seed 0 ends at 0.20, below its own mean, and never reaches it (null)
     variants = results["envs"]["frozenlake"]["variants"]
