@@ -237,6 +237,19 @@ class CovConfig(Section):
         return self
 
 
+class ReplayCovConfig(CovConfig):
+    """Covariance token selection of the replay (SIL) update: the agent recipe's replay
+    constants. A class of its own, not `CovConfig` built with other values: an override of one
+    field (`algo.policy_loss.replay_cov.mode=...`) rebuilds the section from its class defaults,
+    so the defaults must live on the class (docs/algorithm.md, "Clip-Cov")."""
+
+    ratio: float = Field(0.02, ge=0, le=1, description="Fraction k/n_valid of tokens selected.")
+    lower_bound: float = Field(2.0, description="Clip-Cov: candidates have covariance above this.")
+    upper_bound: float = Field(
+        60.0, description="Clip-Cov: candidates have covariance below this."
+    )
+
+
 class PolicyLossConfig(Section):
     clip_low: float = Field(
         0.2, gt=0, lt=1, description="PPO clip epsilon below 1 (ratio >= 1-eps)."
@@ -263,8 +276,8 @@ class PolicyLossConfig(Section):
     on_policy_cov: CovConfig = Field(
         default_factory=CovConfig, description="Clip-Cov/KL-Cov for the on-policy update."
     )
-    replay_cov: CovConfig = Field(
-        default_factory=lambda: CovConfig(ratio=0.02, lower_bound=2.0, upper_bound=60.0),
+    replay_cov: ReplayCovConfig = Field(
+        default_factory=ReplayCovConfig,
         description="Clip-Cov/KL-Cov for the replay (SIL) update (agent recipe: 0.02, 2, 60).",
     )
 

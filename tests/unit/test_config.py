@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,101 @@ def test_a_legacy_logging_section_still_loads(tmp_path):
     quiet = tmp_path / "quiet.yaml"
     quiet.write_text("logging:\n  tensorboard: false\n")
     assert load_config(quiet).run.loggers == ["jsonl"]
+
+
+# ------------------------------------------------------------------ one override, one field
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted name, field info) of every leaf field, walking nested sections."""
+    out = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _leaf_fields(annotation, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", info))
+    return out
+
+
+def _candidates(value, info):
+    """Values different from `value` to try as its override, most likely valid first."""
+    choices = [c for c in typing.get_args(info.annotation) if isinstance(c, (str, int))]
+    if typing.get_origin(info.annotation) is typing.Literal:
+        return [c for c in choices if c != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value - 1, value * 2, 1, 2]
+    if isinstance(value, float):
+        return [value * 0.5, value * 1.5, value + 0.1, value - 0.1, 0.5, 2.0]
+    if isinstance(value, str):
+        return [f"{value}x"]
+    if isinstance(value, (list, tuple)):
+        return ["[jsonl, tensorboard]", "[0.8, 0.9]"]
+    if value is None:
+        return [1.5, 2, "x"]
+    return []
+
+
+# Fields whose override may change others by design (each says why).
+DERIVED = {
+    "env.name": "env.options are resolved per env, so a new env brings its own options",
+    "rollout.engine": "a Literal with one value",
+    "buffer.row_unit": "a Literal with one value",
+    "learner.optimizer": "a Literal with one value",
+    "rollout.tensor_parallel_size": "above 1 it needs resources.gpus_per_rollout_worker too",
+}
+
+
+@pytest.mark.parametrize("source", [None, "demo"])
+def test_an_override_changes_the_field_it_names_and_nothing_else(source):
+    # Overrides of nested sections once rebuilt the section from its class defaults, so
+    # algo.policy_loss.replay_cov.mode=clip-cov reset replay_cov.ratio to the on-policy 0.0002.
+    from spear_ray.config.load import flat_fields
+
+    base = load_config(source)
+    base_flat = flat_fields(base)
+    untested = []
+    for dotted, _info in _leaf_fields(SpearConfig):
+        if dotted in DERIVED or dotted == "env.options":
+            continue
+        current = base_flat.get(dotted)
+        for candidate in _candidates(current, _info):
+            text = candidate if isinstance(candidate, str) else yaml.safe_dump(candidate).strip()
+            text = text.removesuffix("\n...").strip()
+            try:
+                changed = load_config(source, [f"{dotted}={text}"])
+            except ConfigError:
+                continue
+            flat = flat_fields(changed)
+            if flat[dotted] == current:
+                continue
+            others = {k: v for k, v in flat.items() if k != dotted}
+            expected = {k: v for k, v in base_flat.items() if k != dotted}
+            assert others == expected, (
+                f"{dotted}={text} also changed "
+                f"{[k for k in expected if others.get(k) != expected[k]]}"
+            )
+            break
+        else:
+            untested.append(dotted)
+    assert not untested, f"no valid different value found for {untested}; add a candidate"
+    # and the case that was found broken, explicitly
+    cov = load_config(source, ["algo.policy_loss.replay_cov.mode=clip-cov"])
+    replay = cov.algo.policy_loss.replay_cov
+    assert (replay.ratio, replay.lower_bound, replay.upper_bound) == (0.02, 2.0, 60.0)
+
+
+def test_nested_section_defaults_live_on_their_class():
+    # A partial section (one override) is rebuilt from the class defaults: a default_factory that
+    # builds the class with other values would silently lose them.
+    def walk(model: type[BaseModel], prefix: str = "") -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                if info.default_factory is not None:
+                    assert info.default_factory() == annotation(), f"{prefix}{name}"
+                walk(annotation, f"{prefix}{name}.")
+
+    walk(SpearConfig)
