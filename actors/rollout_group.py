@@ -1,6 +1,6 @@
 """RolloutGroup: N RolloutWorker actors; spreads a step's tasks over them and streams groups back.
 
-    group = RolloutGroup(config)                  # spawns config.rollout.num_workers actors
+    group = RolloutGroup(spec)                  # spawns spec.rollout.num_workers actors
     pending = group.start(tasks, weight_version=v)   # returns at once
     for trajectories in pending.stream():
         ...                                       # one finished group (G trajectories) at a time
@@ -39,7 +39,6 @@ from ray.util.placement_group import PlacementGroup
 
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
 from spear_ray.agent.loop import Task
-from spear_ray.config import SpearConfig
 from spear_ray.containers import Trajectory
 from spear_ray.placement import (
     PLACEMENT_TIMEOUT_S,
@@ -49,6 +48,7 @@ from spear_ray.placement import (
     remove,
     reserve,
 )
+from spear_ray.recipe import RolloutSpec
 
 
 class WeightsLostError(RuntimeError):
@@ -78,11 +78,11 @@ ROLLOUT_COUNTS = ("worker_restarts", "groups_reissued", "groups_dropped", "sampl
 PROBE_INTERVAL_S = 1.0  # between health probes of a restarting worker
 
 
-def rollout_bundle(config: SpearConfig) -> dict[str, float]:
+def rollout_bundle(spec: RolloutSpec) -> dict[str, float]:
     """The bundle of one rollout worker: {CPU: cpus_per_rollout_worker, GPU:
     gpus_per_rollout_worker (if > 0)}.
 
-    With tensor parallelism the one bundle holds all the worker's GPUs (the config requires
+    With tensor parallelism the one bundle holds all the worker's GPUs (the spec requires
     gpus_per_rollout_worker >= rollout.tensor_parallel_size): a bundle always lies on one node,
     the worker actor takes the whole bundle, and vLLM starts its TP processes itself on the GPUs
     Ray gave the actor (vLLM's multiprocessing executor). vLLM's own Ray executor would instead
@@ -90,19 +90,19 @@ def rollout_bundle(config: SpearConfig) -> dict[str, float]:
     bundles of the actor's current placement group), as OpenRLHF arranges with
     VLLM_RAY_BUNDLE_INDICES. Note that inside a placement group vLLM picks its Ray executor by
     default when TP > 1, so on GPU the engine must ask for distributed_executor_backend="mp"."""
-    res = config.resources
+    res = spec.resources
     return bundle_of(res.cpus_per_rollout_worker, res.gpus_per_rollout_worker)
 
 
 def spawn_rollout_worker(
-    config: SpearConfig,
+    spec: RolloutSpec,
     worker_index: int,
     placement_group: PlacementGroup | None = None,
     **options: Any,
 ):
-    """Start one RolloutWorker actor with the resources of `config.resources`, in bundle
+    """Start one RolloutWorker actor with the resources of `spec.resources`, in bundle
     `worker_index` of `placement_group` when one is given. `options` override the defaults."""
-    res = config.resources
+    res = spec.resources
     actor_options: dict[str, Any] = {
         "num_cpus": res.cpus_per_rollout_worker,
         "num_gpus": res.gpus_per_rollout_worker,
@@ -110,7 +110,7 @@ def spawn_rollout_worker(
         "max_concurrency": 1000,
         # Ray restarts a dead worker; its calls are not retried by Ray (a restarted worker must
         # first get the current weights): RolloutGroup re-issues the lost groups itself.
-        "max_restarts": config.rollout.max_restarts,
+        "max_restarts": spec.rollout.max_restarts,
         "max_task_retries": 0,
     }
     if placement_group is not None:
@@ -119,7 +119,7 @@ def spawn_rollout_worker(
     return (
         ray.remote(RolloutWorker)
         .options(**actor_options)
-        .remote(config, worker_index, exit_when_hung=True)
+        .remote(spec, worker_index, exit_when_hung=True)
     )
 
 
@@ -183,7 +183,7 @@ class PendingRollout:
         except ray.exceptions.RayActorError as err:
             self._group.lost(item.worker, err)
             item.lost += 1
-            if item.lost > self._group.config.rollout.group_retries:
+            if item.lost > self._group.spec.rollout.group_retries:
                 self.counts["groups_dropped"] += 1
                 self.counts["samples_dropped"] += item.task.num_samples
             else:
@@ -250,14 +250,14 @@ class _Recovery:
 class RolloutGroup:
     def __init__(
         self,
-        config: SpearConfig,
+        spec: RolloutSpec,
         actor_options: dict[str, Any] | None = None,
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     ):
         """Reserve one bundle per worker (a PlacementError after `placement_timeout_s` if the
         cluster cannot hold them) and start the workers in them."""
-        self.config = config
-        res, rollout = config.resources, config.rollout
+        self.spec = spec
+        res, rollout = spec.resources, spec.rollout
         fields = [
             "rollout.num_workers",
             "resources.cpus_per_rollout_worker",
@@ -266,7 +266,7 @@ class RolloutGroup:
         if rollout.tensor_parallel_size > 1:
             fields.append("rollout.tensor_parallel_size")
         self._placement: PlacementGroup | None = reserve(
-            rollout_bundle(config),
+            rollout_bundle(spec),
             rollout.num_workers,
             strategy=res.placement_strategy,
             what="rollout workers",
@@ -282,7 +282,7 @@ class RolloutGroup:
         try:
             for i in range(rollout.num_workers):
                 self.workers.append(
-                    spawn_rollout_worker(config, i, self._placement, **(actor_options or {}))
+                    spawn_rollout_worker(spec, i, self._placement, **(actor_options or {}))
                 )
         except BaseException:
             self.shutdown()
@@ -361,7 +361,7 @@ class RolloutGroup:
         unseen. Count one restart and give it no work until it is back with the current
         weights (the other calls that fail with the same death add nothing)."""
         if index not in self._recovering:
-            deadline = time.monotonic() + self.config.rollout.restart_timeout_s
+            deadline = time.monotonic() + self.spec.rollout.restart_timeout_s
             self._recovering[index] = _Recovery(_first_line(err), deadline)
             self.worker_restarts += 1
             self._restarts_not_taken += 1
@@ -437,7 +437,7 @@ class RolloutGroup:
     def _dead_for_good(self, i: int, rec: _Recovery, err: BaseException) -> RolloutWorkerError:
         return RolloutWorkerError(
             f"rollout worker {i} died and Ray will not restart it "
-            f"(rollout.max_restarts={self.config.rollout.max_restarts}; restarts seen: "
+            f"(rollout.max_restarts={self.spec.rollout.max_restarts}; restarts seen: "
             f"{self.worker_restarts}); it first failed with: {rec.cause}; "
             f"then: {_first_line(err)}"
         )
@@ -445,7 +445,7 @@ class RolloutGroup:
     def _not_back(self, index: int, rec: _Recovery) -> RolloutWorkerError:
         return RolloutWorkerError(
             f"rollout worker {index} died and was not back within "
-            f"rollout.restart_timeout_s={self.config.rollout.restart_timeout_s:g}; it failed "
+            f"rollout.restart_timeout_s={self.spec.rollout.restart_timeout_s:g}; it failed "
             f"with: {rec.cause}"
         )
 

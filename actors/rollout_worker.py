@@ -1,10 +1,10 @@
 """RolloutWorker: one generation engine, its environments and the agent loop.
 
 A plain class (testable without Ray); `actors.rollout_group.spawn_rollout_worker` applies
-`ray.remote` with the resources of the config. Its methods are async, so a Ray actor runs many
+`ray.remote` with the resources of the spec. Its methods are async, so a Ray actor runs many
 `rollout_group` calls at once on one event loop and the engine batches all their generations.
 
-    worker = RolloutWorker(config, worker_index=0)
+    worker = RolloutWorker(spec, worker_index=0)
     trajectories = await worker.rollout(tasks=[Task(...)], weight_version=0)
     await worker.update_weights(named_tensors=..., version=1)
 
@@ -31,11 +31,11 @@ import torch
 
 from spear_ray.agent.chat import ChatFormat
 from spear_ray.agent.loop import EnvThreads, EpisodeSettings, Task, run_episode
-from spear_ray.config import SpearConfig
 from spear_ray.containers import Trajectory
 from spear_ray.engines.base import Engine
 from spear_ray.envs.base import TextEnv
 from spear_ray.envs.registry import env_spec, make_env
+from spear_ray.recipe import RolloutSpec
 
 
 class StaleWeightsError(RuntimeError):
@@ -45,7 +45,7 @@ class StaleWeightsError(RuntimeError):
 class RolloutWorker:
     def __init__(
         self,
-        config: SpearConfig,
+        spec: RolloutSpec,
         worker_index: int = 0,
         engine: Engine | None = None,
         tokenizer: Any = None,
@@ -53,26 +53,26 @@ class RolloutWorker:
     ):
         """`exit_when_hung`: exit the process past rollout.max_hung_env_threads (only for a
         worker that Ray restarts: spawn_rollout_worker sets it)."""
-        self.config = config
+        self.spec = spec
         self.exit_when_hung = exit_when_hung
         self.worker_index = worker_index
-        model_dir, tokenizer_dir = _model_dirs(config)
+        model_dir, tokenizer_dir = _model_dirs(spec)
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.chat = ChatFormat(tokenizer, name=f"tokenizer {tokenizer_dir}")
         if engine is None:
-            engine = _build_vllm_engine(config, model_dir, tokenizer_dir)
+            engine = _build_vllm_engine(spec, model_dir, tokenizer_dir)
         self.engine = engine
         self._sandbox = None
-        if "sandbox" in inspect.signature(env_spec(config.env.name).factory).parameters:
+        if "sandbox" in inspect.signature(env_spec(spec.env.name).factory).parameters:
             from spear_ray.sandbox import SandboxClient
 
-            self._sandbox = SandboxClient(config.sandbox)
+            self._sandbox = SandboxClient(spec.sandbox)
         # Env calls (sandbox calls, game engines) and closes of failed envs run here, off the
         # event loop, each on its own daemon thread (a hung one holds no slot others need).
-        self._env_executor = EnvThreads(hung_after_s=config.rollout.env_call_timeout_s)
+        self._env_executor = EnvThreads(hung_after_s=spec.rollout.env_call_timeout_s)
         self._idle_envs: list[TextEnv] = []
         self.trajectories_done = 0
         self.failures = 0
@@ -83,10 +83,10 @@ class RolloutWorker:
         if self._idle_envs:
             return self._idle_envs.pop()
         return make_env(
-            self.config.env.name,
-            self.config.env.options,
+            self.spec.env.name,
+            self.spec.env.options,
             sandbox=self._sandbox,
-            eval_seed_start=self.config.env.eval_seed_start,
+            eval_seed_start=self.spec.env.eval_seed_start,
         )
 
     def _give_back_env(self, env: TextEnv, healthy: bool) -> None:
@@ -99,18 +99,18 @@ class RolloutWorker:
     # ------------------------------------------------------------------ rollout
 
     def episode_settings(self, evaluation: bool = False) -> EpisodeSettings:
-        r = self.config.rollout
+        r = self.spec.rollout
         return EpisodeSettings(
             max_tokens_per_turn=r.max_tokens_per_turn,
             max_response_tokens=r.max_response_tokens,
             max_prompt_tokens=r.max_prompt_tokens,
             temperature=r.eval_temperature if evaluation else r.temperature,
             top_p=1.0 if evaluation else r.top_p,
-            invalid_action_penalty=self.config.env.invalid_action_penalty,
+            invalid_action_penalty=self.spec.env.invalid_action_penalty,
             trajectory_timeout_s=r.trajectory_timeout_s,
             env_call_timeout_s=r.env_call_timeout_s,
             generate_timeout_s=r.generate_timeout_s,
-            sampling_seed=self.config.run.seed,
+            sampling_seed=self.spec.seed,
         )
 
     async def _one(self, task: Task, sample_index: int, settings: EpisodeSettings) -> Trajectory:
@@ -133,7 +133,7 @@ class RolloutWorker:
 
     def _check_hung_envs(self) -> None:
         hung = self._env_executor.hung()
-        limit = self.config.rollout.max_hung_env_threads
+        limit = self.spec.rollout.max_hung_env_threads
         if hung > limit and self.exit_when_hung:
             print(
                 f"rollout worker {self.worker_index}: {hung} env calls hung > "
@@ -212,23 +212,23 @@ def _close_quietly(env: TextEnv) -> None:
         env.close()
 
 
-def _model_dirs(config: SpearConfig) -> tuple[str, str]:
+def _model_dirs(spec: RolloutSpec) -> tuple[str, str]:
     from spear_ray.models import resolve_model_path
 
-    model_dir = str(resolve_model_path(config.model.path))
-    tokenizer = config.model.tokenizer_path
+    model_dir = str(resolve_model_path(spec.model.path))
+    tokenizer = spec.model.tokenizer_path
     return model_dir, str(resolve_model_path(tokenizer)) if tokenizer else model_dir
 
 
-def _build_vllm_engine(config: SpearConfig, model_dir: str, tokenizer_dir: str) -> Engine:
+def _build_vllm_engine(spec: RolloutSpec, model_dir: str, tokenizer_dir: str) -> Engine:
     from spear_ray.engines.vllm_engine import VLLMEngine
 
-    r = config.rollout
+    r = spec.rollout
     return VLLMEngine(
         model_dir,
         tokenizer_path=tokenizer_dir,
-        dtype=config.model.dtype,
-        seed=config.run.seed,
+        dtype=spec.model.dtype,
+        seed=spec.seed,
         max_model_len=r.max_prompt_tokens + r.max_response_tokens,
         cpu_kv_cache_gib=r.cpu_kv_cache_gib,
         gpu_memory_utilization=r.gpu_memory_utilization,

@@ -59,6 +59,7 @@ from learners.policy import micro_batches, split_sizes
 from spear_ray.config import SpearConfig, load_config
 from spear_ray.containers import TrainBatch, build_train_batch
 from spear_ray.controller import Controller, tasks_for_step
+from spear_ray.recipe import Recipe
 from spear_ray.run_dir import RunDir
 
 PHASES = (
@@ -192,13 +193,16 @@ def buffer_breakdown(
     process (median of `repeats` steps): building the ReplayEntry rows (driver), moving them
     through the object store (what the actor call pays), end_step's expire/admit/baseline, and
     its durable checkpoint."""
-    buffer = ReplayBuffer(config.buffer, advantage=config.algo.advantage, seed=config.run.seed)
+    rule = Recipe.from_config(config).replay
+    if rule is None:
+        raise SystemExit("benchmarks/step.py: the buffer breakdown needs algo.sil.enabled: true")
+    buffer = ReplayBuffer(rule, seed=config.run.seed)
     groups = [0.0] * config.rollout.prompts_per_step
     seconds: dict[str, list[float]] = {"entries": [], "transfer": [], "end_step": [], "save": []}
     for step in range(repeats):
         t0 = time.perf_counter()
         entries = [
-            ReplayEntry.from_trajectory(traj, batch.advantages[i, : len(traj.token_ids)], step=step)
+            ReplayEntry.from_batch_row(traj, batch, i, step=step)
             for i, traj in enumerate(trajectories)
         ]
         t1 = time.perf_counter()

@@ -17,34 +17,25 @@ from typing import Any
 import ray
 
 from buffers.replay_buffer import ReplayBuffer
-from spear_ray.config.schema import AdvantageConfig, BufferConfig, SpearConfig
+from spear_ray.recipe import ReplayRule
 
 DEFAULT_MAX_RESTARTS = -1  # the buffer is cheap to restart and its state is on disk
 DEFAULT_MAX_TASK_RETRIES = 3  # bounded: a call that kills the process every time must surface
 
 
 def spawn_replay_buffer(
-    config: SpearConfig | BufferConfig,
+    rule: ReplayRule,
     checkpoint_dir: str | os.PathLike[str] | None,
     *,
-    advantage: AdvantageConfig | None = None,
-    seed: int | None = None,
+    seed: int = 0,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     max_task_retries: int = DEFAULT_MAX_TASK_RETRIES,
     **options: Any,
 ) -> ray.actor.ActorHandle:
-    """Start the `ReplayBuffer` actor.
+    """Start the `ReplayBuffer` actor with the recipe's replay rules (`Recipe.replay`).
 
-    With a whole `SpearConfig`, its `buffer`, `algo.advantage` and `run.seed` are used (the
-    keyword arguments override them); with a `BufferConfig`, pass `advantage`/`seed` as needed.
     Extra `options` (name, lifetime, scheduling_strategy, ...) go to `.options()` unchanged.
     """
-    if isinstance(config, SpearConfig):
-        buffer_config = config.buffer
-        advantage = advantage or config.algo.advantage
-        seed = config.run.seed if seed is None else seed
-    else:
-        buffer_config = config
     actor_options = {
         "num_cpus": 0,
         "max_restarts": max_restarts,
@@ -55,9 +46,8 @@ def spawn_replay_buffer(
         ray.remote(ReplayBuffer)
         .options(**actor_options)
         .remote(
-            buffer_config,
-            advantage=advantage,
-            seed=0 if seed is None else seed,
+            rule,
+            seed=seed,
             checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
         )
     )

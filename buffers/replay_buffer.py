@@ -59,8 +59,8 @@ from spear_ray.algo.replay import (
     sample_subset,
     stale_keep,
 )
-from spear_ray.config.schema import AdvantageConfig, BufferConfig
 from spear_ray.containers import RewardParts, TrainBatch, Trajectory, build_train_batch
+from spear_ray.recipe import ReplayRule
 
 log = logging.getLogger(__name__)
 
@@ -125,39 +125,26 @@ class ReplayEntry:
         self.prompt_length = int(self.prompt_length)
 
     @classmethod
-    def from_trajectory(
-        cls,
-        traj: Trajectory,
-        advantages: float | Sequence[float] | np.ndarray | torch.Tensor,
-        *,
-        step: int,
-        trainable: bool = True,
+    def from_batch_row(
+        cls, traj: Trajectory, batch: TrainBatch, row: int, *, step: int
     ) -> ReplayEntry:
-        """A row from a scored trajectory of step `step`.
+        """Row `row` of the step's `TrainBatch` (built from `traj`) as a buffer row.
 
-        `advantages` is one number for the whole trajectory or one per token (e.g. a row of the
-        step's `TrainBatch.advantages`, cut to the trajectory's length). `trainable=False` (a
-        Dr.BoT filter) or an infrastructure failure zeroes the loss mask, so the row can never be
-        admitted (an empty mask has no mean advantage).
+        The row keeps exactly what the on-policy update trained on: its loss mask (Dr.BoT and
+        group filters applied, so a masked row has an empty mask and is never admitted), its
+        per-token advantages, and its logp_old (the learner's recomputed log-probs by default),
+        which the replay update uses as the behaviour log-probs, as the reference stores its
+        `old_log_probs`.
         """
         n = len(traj.token_ids)
-        mask = np.asarray(traj.loss_mask, dtype=np.uint8)
-        if not trainable or not traj.is_valid:
+        mask = batch.loss_mask[row, :n].numpy().astype(np.uint8)
+        if not traj.is_valid:
             mask = np.zeros(n, dtype=np.uint8)
-        if isinstance(advantages, torch.Tensor):
-            advantages = advantages.detach().cpu().numpy()
-        adv = np.asarray(advantages, dtype=np.float32)
-        if adv.ndim == 0:
-            adv = np.full(n, adv, dtype=np.float32)
-        elif adv.shape != (n,):
-            raise ValueError(
-                f"trajectory {traj.task_id}: {adv.size} per-token advantages for {n} tokens"
-            )
         return cls(
             token_ids=np.asarray(traj.token_ids, dtype=np.int32),
             loss_mask=mask,
-            behaviour_logprobs=np.asarray(traj.behaviour_logprobs, dtype=np.float32) * mask,
-            advantages=adv * mask,
+            behaviour_logprobs=batch.old_logprobs[row, :n].numpy() * mask,
+            advantages=batch.advantages[row, :n].numpy() * mask,
             reward=traj.rewards.total,
             tool_calls=traj.tool_calls,
             group_id=traj.group_id,
@@ -216,16 +203,12 @@ class ReplayBuffer:
 
     def __init__(
         self,
-        config: BufferConfig,
+        rule: ReplayRule,
         *,
-        advantage: AdvantageConfig | None = None,
         seed: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.config = config
-        advantage = advantage or AdvantageConfig()
-        self.norm_by_std = advantage.norm_by_std
-        self.epsilon = advantage.epsilon
+        self.rule = rule
         self.seed = seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._reset_state()
@@ -239,8 +222,8 @@ class ReplayBuffer:
 
     def _reset_state(self) -> None:
         self._entries: list[ReplayEntry] = []
-        self._hist_means: deque[float] = deque(maxlen=self.config.history_length)
-        self._hist_stds: deque[float] = deque(maxlen=self.config.history_length)
+        self._hist_means: deque[float] = deque(maxlen=self.rule.history_length)
+        self._hist_stds: deque[float] = deque(maxlen=self.rule.history_length)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._applied_step: int | None = None  # last step whose end_step was applied
         self._last_end: dict[str, Any] | None = None  # what that end_step returned
@@ -295,7 +278,7 @@ class ReplayBuffer:
             "step": self._applied_step,
             "size": len(self._entries),
             "above_p50": num_above_baseline(rewards, list(self._hist_means)) if has_history else 0,
-            "trigger_threshold": self.config.trigger_rows,
+            "trigger_threshold": self.rule.trigger_rows,
             "baseline_p50": percentile50(list(self._hist_means)) if has_history else float("nan"),
             "history_length": len(self._hist_means),
             **self._counters,
@@ -334,7 +317,7 @@ class ReplayBuffer:
         return result
 
     def _replay(self, min_rows: int) -> list[ReplayEntry] | None:
-        cfg = self.config
+        cfg = self.rule
         self._counters["replayed_last"] = 0
         rewards = [e.reward for e in self._entries]
         means = list(self._hist_means)
@@ -353,8 +336,8 @@ class ReplayBuffer:
                 mask=mask,
                 hist_group_means=means,
                 hist_group_stds=list(self._hist_stds),
-                norm_by_std=self.norm_by_std,
-                epsilon=self.epsilon,
+                norm_by_std=cfg.norm_by_std,
+                epsilon=cfg.epsilon,
                 weight=cfg.recalibration_weight,
             )
             keep = nonnegative_keep(adv, mask, strict=cfg.strict_positive)
@@ -409,7 +392,7 @@ class ReplayBuffer:
         late = [e.step for e in entries if e.step > step]
         if late:
             raise ValueError(f"end_step(step={step}) got rows collected at later steps {late[:3]}")
-        cfg = self.config
+        cfg = self.rule
 
         # 1. staleness: drop rows more than tolerate_steps steps old
         if self._entries:
@@ -452,7 +435,7 @@ class ReplayBuffer:
                 _padded(chunk, "advantages", np.float32),
                 _padded(chunk, "loss_mask", np.bool_),
                 torch.tensor([e.tool_calls for e in chunk]),
-                require_tool_call=self.config.require_tool_call,
+                require_tool_call=self.rule.require_tool_call,
             ).tolist()
         return keep
 
@@ -474,7 +457,7 @@ class ReplayBuffer:
             "last_end": self._last_end,
             "counters": self._counters,
             "seed": self.seed,
-            "config": self.config.model_dump(mode="json"),
+            "config": dataclasses.asdict(self.rule),
             "replay_step": self._replay_step if pending else None,
             "replay_returned": pending and self._replay_result is not None,
         }
@@ -513,8 +496,8 @@ class ReplayBuffer:
             raise BufferCheckpointError(
                 f"replay-buffer checkpoint {path} is corrupt or incomplete ({detail})"
             ) from exc
-        if meta.get("config") != self.config.model_dump(mode="json"):
-            log.warning("replay buffer %s was saved with a different buffer config", path)
+        if meta.get("config") != dataclasses.asdict(self.rule):
+            log.warning("replay buffer %s was saved with different replay rules", path)
         self._reset_state()
         self._entries = rows
         self._hist_means.extend(hist_means)

@@ -1,6 +1,6 @@
 """LearnerGroup: `learner.num_ranks` LearnerRank actors training one policy with DeepSpeed.
 
-    learners = LearnerGroup(config)                    # spawns the ranks, builds the engines
+    learners = LearnerGroup(spec)                      # spec: the recipe's LearnerSpec
     batch = learners.recompute_old_logprobs(batch)     # when learner.logp_old == "recompute"
     metrics = learners.update(batch=batch, step=t, phase="on_policy")
     metrics = learners.update(batch=replay, step=t, phase="replay", loss_weight=w_sil)
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from learners.learner_rank import METRIC_REDUCTIONS, LearnerRank
-from learners.policy import PHASES, rank_rows
+from learners.policy import PHASES, num_mini_batches, rank_rows
 from learners.weight_sync import DEFAULT_BUCKET_BYTES, BucketedWeights
 from spear_ray.containers import TrainBatch
 from spear_ray.faults import RunFault
@@ -47,6 +47,7 @@ from spear_ray.placement import (
     remove,
     reserve,
 )
+from spear_ray.recipe import LearnerSpec
 
 _REDUCERS = {"sum": sum, "max": max, "mean": lambda values: sum(values) / len(values)}
 # After a rank's call fails, how long the other ranks' calls get to finish: when one rank dies,
@@ -85,9 +86,9 @@ def _first_line(err: BaseException) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
 
 
-def spawn_learner_rank(config: Any, rank: int, world_size: int, group: Any, **options: Any):
+def spawn_learner_rank(spec: LearnerSpec, rank: int, world_size: int, group: Any, **options: Any):
     """Start one LearnerRank actor in bundle `rank` of the placement group."""
-    res = config.resources
+    res = spec.resources
     actor_cls = ray.remote(LearnerRank).options(
         num_cpus=res.cpus_per_learner,
         num_gpus=res.gpus_per_learner,
@@ -96,21 +97,21 @@ def spawn_learner_rank(config: Any, rank: int, world_size: int, group: Any, **op
         max_restarts=0,
         **options,
     )
-    return actor_cls.remote(config, rank=rank, world_size=world_size)
+    return actor_cls.remote(spec, rank=rank, world_size=world_size)
 
 
 class LearnerGroup:
     def __init__(
         self,
-        config: Any,
+        spec: LearnerSpec,
         actor_options: dict[str, Any] | None = None,
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
         run: Any = None,
     ):
-        self.config = config
+        self.spec = spec
         self.run = run  # a RunDir: its last checkpoint is named in a LearnerError
-        self.num_ranks = config.learner.num_ranks
-        res = config.resources
+        self.num_ranks = spec.learner.num_ranks
+        res = spec.resources
         # One bundle per rank, all placed at once; the ranks' own node_info then finds the
         # rendezvous and the local ranks wherever the strategy put them.
         try:
@@ -133,7 +134,7 @@ class LearnerGroup:
             for r in range(self.num_ranks):
                 self.ranks.append(
                     spawn_learner_rank(
-                        config, r, self.num_ranks, self._placement, **(actor_options or {})
+                        spec, r, self.num_ranks, self._placement, **(actor_options or {})
                     )
                 )
             self._setup()
@@ -246,7 +247,10 @@ class LearnerGroup:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if batch.rows == 0:
             raise ValueError(f"update(phase={phase!r}, step={step}) got an empty batch")
-        mini_batches = min(self.config.learner.mini_batches_per_step, batch.rows)
+        # ceil(rows / M) mini-batches: the on-policy batch gives learner.mini_batches_per_step,
+        # a replay batch is cut into mini-batches of the on-policy size M.
+        rows_per_mini_batch = self.spec.loss(phase).rows_per_mini_batch
+        mini_batches = min(num_mini_batches(batch.rows, rows_per_mini_batch), batch.rows)
         kwargs = [
             {
                 "batch": batch.select(rows),

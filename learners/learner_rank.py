@@ -4,7 +4,7 @@ A plain class (testable without Ray); `learners.learner_group` applies `ray.remo
 `num_ranks` of them, which rendezvous in one process group. Mutating calls carry a step number
 and are idempotent; every call below is collective (all ranks call it together).
 
-    rank = LearnerRank(config, rank=0, world_size=1)
+    rank = LearnerRank(spec, rank=0, world_size=1)        # spec: the recipe's LearnerSpec
     rank.setup(master_addr="127.0.0.1", master_port=29500)
     logp = rank.compute_logprobs(batch=batch)                      # logp_old = "recompute"
     metrics = rank.update(batch=batch, step=t, phase="on_policy")
@@ -12,11 +12,12 @@ and are idempotent; every call below is collective (all ranks call it together).
     weights = rank.full_state_dict()                               # rank 0: {name: tensor}
     rank.save_checkpoint(directory=d, step=t); rank.load_checkpoint(directory=d)
 
-One update (SPEAR.md §1, §5): for each PPO epoch, for each mini-batch (one optimizer step):
-pack its rows into micro-batches by `tokens_per_micro_batch`, forward/backward each with the
-mini-batch's global loss divisors (summed over ranks), then one DeepSpeed step with gradient
-clipping. The replay phase runs the same loop on the replay batch with `replay_cov` and its loss
-scaled by w_SIL, as separate optimizer steps after the on-policy ones.
+One update (docs/algorithm.md §1, §5): for each PPO epoch, for each mini-batch (one optimizer
+step): pack its rows into micro-batches by `tokens_per_micro_batch`, forward/backward each with
+the mini-batch's global loss divisors (summed over ranks, scaled to the on-policy mini-batch
+size), then one DeepSpeed step with gradient clipping. The replay phase runs the same loop on
+the replay batch with the replay loss constants and its loss scaled by w_SIL, as separate
+optimizer steps after the on-policy ones.
 
 Devices. CPU (what runs here): DS_ACCELERATOR=cpu, gloo, fp32 whatever `model.dtype` says.
 GPU (written, NOT RUN here: no GPU on these machines): nccl, one GPU per rank (Ray sets
@@ -42,9 +43,10 @@ from torch import Tensor
 
 from learners.policy import (
     PHASES,
-    LossSettings,
     micro_batch_loss,
     micro_batches,
+    mini_batch_divisors,
+    num_mini_batches,
     pack_micro_batches,
     split_sizes,
     token_logprobs,
@@ -52,7 +54,9 @@ from learners.policy import (
 )
 from learners.weight_sync import DEFAULT_BUCKET_BYTES, put_weights
 from spear_ray.algo.losses import loss_divisors
+from spear_ray.config.schema import LearnerConfig
 from spear_ray.containers import TrainBatch
+from spear_ray.recipe import LearnerSpec, PhaseLoss
 
 # How LearnerGroup combines each metric of `update` over ranks. Token statistics are reported
 # by each rank as its share of the mini-batch value (its token sum / the GLOBAL token count), so
@@ -108,7 +112,7 @@ def learning_rate(
     raise ValueError(f"unknown lr schedule {schedule!r}; expected constant, cosine or linear")
 
 
-def deepspeed_config(learner: Any, *, world_size: int, precision: str) -> dict[str, Any]:
+def deepspeed_config(learner: LearnerConfig, *, world_size: int, precision: str) -> dict[str, Any]:
     """The DeepSpeed config of a learner rank. Micro-batching is ours (variable count per
     mini-batch, boundary set by hand), so DeepSpeed sees one micro-batch per step."""
     config: dict[str, Any] = {
@@ -151,17 +155,17 @@ def free_port() -> int:
 
 
 class LearnerRank:
-    def __init__(self, config: Any, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, spec: LearnerSpec, *, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.config = config
+        self.spec = spec
         self.rank = rank
         self.world_size = world_size
-        self.on_gpu = config.resources.gpus_per_learner > 0
+        self.on_gpu = spec.on_gpu
         # CPU trains in fp32 whatever model.dtype says (CPU bf16 matmuls are slow or missing on
         # many CPUs); on GPU model.dtype is the compute dtype, with fp32 master weights.
-        self.precision = config.model.dtype if self.on_gpu else "float32"
-        self.zero_stage = config.learner.zero_stage
+        self.precision = spec.model.dtype if self.on_gpu else "float32"
+        self.zero_stage = spec.learner.zero_stage
         self.engine: Any = None
         self.device = torch.device("cpu")
         self._pad_id = 0
@@ -227,21 +231,21 @@ class LearnerRank:
         deepspeed.init_distributed(
             dist_backend="nccl" if self.on_gpu else "gloo",
             auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=self.config.learner.collective_timeout_s),
+            timeout=datetime.timedelta(seconds=self.spec.learner.collective_timeout_s),
         )
         if not self.on_gpu:
             release_shm_buffer(master_addr, master_port, self.rank)
-        self._model_dir = resolve_model_path(self.config.model.path)
+        self._model_dir = resolve_model_path(self.spec.model.path)
         ds_config = deepspeed_config(
-            self.config.learner, world_size=self.world_size, precision=self.precision
+            self.spec.learner, world_size=self.world_size, precision=self.precision
         )
         if self.zero_stage == 3:
             self._hf_ds_config = _partitioned_loading(ds_config)
-        torch.manual_seed(self.config.run.seed)
+        torch.manual_seed(self.spec.seed)
         model = AutoModelForCausalLM.from_pretrained(
             str(self._model_dir),
             dtype=getattr(torch, self.precision),
-            trust_remote_code=self.config.model.trust_remote_code,
+            trust_remote_code=self.spec.model.trust_remote_code,
         )
         model.config.use_cache = False
         # Dropout off: the ratio must compare the same deterministic function the sampler used.
@@ -251,7 +255,7 @@ class LearnerRank:
             (i for i in (model.config.pad_token_id, model.config.eos_token_id) if type(i) is int),
             0,
         )
-        learner = self.config.learner
+        learner = self.spec.learner
         # A torch optimizer: DeepSpeed's own AdamW would JIT-compile FusedAdam (~65 s on CPU).
         optimizer = torch.optim.AdamW(
             model.parameters(),
@@ -310,17 +314,18 @@ class LearnerRank:
 
     @torch.no_grad()
     def compute_logprobs(self, *, batch: TrainBatch) -> Tensor:
-        """log p(token i | tokens < i) under the current policy, [rows, length] like the batch's
-        tensors: 0 at i = 0 and on padding (multiply by loss_mask for old_logprobs)."""
+        """log p(token i | tokens < i) under the current policy at the sampling temperature
+        (logits / T), [rows, length] like the batch's tensors: 0 at i = 0 and on padding
+        (multiply by loss_mask for old_logprobs)."""
         self._require_setup()
         result = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         lengths = batch.attention_mask.sum(dim=-1).tolist()
-        groups = pack_micro_batches(lengths, self.config.learner.tokens_per_micro_batch)
+        groups = pack_micro_batches(lengths, self.spec.learner.tokens_per_micro_batch)
         (count,) = self._all_reduce([float(len(groups))], "max")
         for rows in groups:
             micro = trim_padding(batch.select(rows))
             logits = self._forward(micro.input_ids, micro.attention_mask)
-            logp = token_logprobs(logits, micro.input_ids.to(self.device))
+            logp = token_logprobs(logits, micro.input_ids.to(self.device), self.spec.temperature)
             logp = logp * micro.attention_mask.to(self.device)
             result[torch.as_tensor(rows), : logp.shape[1]] = logp.float().cpu()
         for _ in range(int(count) - len(groups)):
@@ -340,11 +345,12 @@ class LearnerRank:
     ) -> dict[str, float]:
         """Train on `batch` (this rank's rows): ppo_epochs x mini-batches optimizer steps.
 
-        phase "on_policy" or "replay" picks the covariance settings (on_policy_cov/replay_cov);
+        phase "on_policy" or "replay" picks the phase's loss constants (LearnerSpec.loss);
         batch.old_logprobs is logp_old (recomputed or behaviour log-probs, the caller's choice).
         loss_weight scales the loss (w_SIL for replay); 0 means no update at all.
         mini_batch_sizes: this rank's rows per mini-batch (LearnerGroup passes them so that
-        local mini-batch m is part of global mini-batch m); default: equal split.
+        local mini-batch m is part of global mini-batch m); default: ceil(rows / M) near-equal
+        mini-batches, M the on-policy mini-batch size.
         Idempotent: a second call with a step <= the last one of this phase returns the
         metrics of the last call and changes nothing.
         """
@@ -353,25 +359,21 @@ class LearnerRank:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if phase in self._done and step <= self._done[phase][0]:
             return dict(self._done[phase][1])
-        learner = self.config.learner
+        learner = self.spec.learner
+        settings = self.spec.loss(phase)
         sizes = (
             list(mini_batch_sizes)
             if mini_batch_sizes is not None
-            else split_sizes(batch.rows, learner.mini_batches_per_step)
+            else split_sizes(batch.rows, num_mini_batches(batch.rows, settings.rows_per_mini_batch))
         )
         if sum(sizes) != batch.rows:
             raise ValueError(f"mini_batch_sizes {sizes} do not add up to {batch.rows} rows")
-        settings = LossSettings.from_config(
-            self.config.algo.policy_loss,
-            phase=phase,
-            norm_length=self.config.rollout.max_response_tokens,
-        )
         lr = learning_rate(
             step,
             peak=learner.lr,
             schedule=learner.lr_schedule,
             warmup_steps=learner.warmup_steps,
-            total_steps=self.config.run.total_steps,
+            total_steps=self.spec.total_steps,
         )
         t0 = time.monotonic()
         totals: dict[str, float] = defaultdict(float)
@@ -381,7 +383,7 @@ class LearnerRank:
                 for index, size in enumerate(sizes):
                     mini = batch.select(list(range(start, start + size)))
                     start += size
-                    seed = _seed(self.config.run.seed, step, phase, epoch, index, self.rank)
+                    seed = _seed(self.spec.seed, step, phase, epoch, index, self.rank)
                     self._train_mini_batch(mini, settings, loss_weight, lr, seed, totals)
         metrics = self._finish_metrics(totals, lr, loss_weight, time.monotonic() - t0)
         self._done[phase] = (step, metrics)
@@ -390,7 +392,7 @@ class LearnerRank:
     def _train_mini_batch(
         self,
         mini: TrainBatch,
-        settings: LossSettings,
+        settings: PhaseLoss,
         loss_weight: float,
         lr: float,
         seed: int,
@@ -398,16 +400,16 @@ class LearnerRank:
     ) -> None:
         """Forward/backward every micro-batch of one mini-batch, then one optimizer step."""
         local = loss_divisors(mini.loss_mask)
-        budget = self.config.learner.tokens_per_micro_batch
+        budget = self.spec.learner.tokens_per_micro_batch
         pieces = micro_batches(mini, budget) if mini.rows else []
-        num_tokens, num_sequences = self._all_reduce(
-            [float(local["num_tokens"]), float(local["num_sequences"])], "sum"
+        num_tokens, num_rows = self._all_reduce(
+            [float(local["num_tokens"]), float(mini.rows)], "sum"
         )
         if num_tokens == 0:  # nothing to learn from: an optimizer step would only decay weights
             totals["empty"] += 1
             return
         (count,) = self._all_reduce([float(len(pieces))], "max")
-        divisors = {"num_tokens": num_tokens, "num_sequences": num_sequences}
+        divisors = mini_batch_divisors(num_rows, num_tokens, settings.rows_per_mini_batch)
         generator = torch.Generator().manual_seed(seed)  # Clip-Cov draws: reproducible
         # DeepSpeed averages gradients over ranks; the divisors are global, so undo the mean.
         scale = loss_weight * self.world_size
@@ -552,7 +554,7 @@ class LearnerRank:
         module.config.save_pretrained(path)
         if getattr(module, "generation_config", None) is not None:
             module.generation_config.save_pretrained(path)
-        tokenizer_dir = self.config.model.tokenizer_path or str(self._model_dir)
+        tokenizer_dir = self.spec.model.tokenizer_path or str(self._model_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(tokenizer_dir)))
         except (OSError, ValueError) as err:

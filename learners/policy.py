@@ -1,24 +1,30 @@
 """The learner's per-micro-batch math, in plain torch (no Ray, no DeepSpeed).
 
-This is where SPEAR.md §1 (the clipped policy loss and its aggregation) and §5 (the same loss on
-replay chunks, with the stored behaviour log-probs as logp_old) meet the model:
+This is where the clipped policy loss and its aggregation (docs/algorithm.md §1) and the same
+loss on replay rows (§5) meet the model:
 
-    logits ──token_logprobs──▶ logp[b, i] = log p(token i | tokens < i)   (aligned with TrainBatch)
-           ──token_entropy───▶ H[b, i]    = entropy of the distribution that produced token i
-    micro_batch_loss(logits, micro, settings, divisors) = aggregate(policy loss) - coef*entropy
+    logits ──token_logprobs──▶ logp[b, i] = log softmax(logits / T)(token i | tokens < i)
+           ──token_entropy───▶ H[b, i]    = entropy of that distribution
+    micro_batch_loss(logits, micro, loss, divisors) = aggregate(policy loss) - coef*entropy
+
+T is the sampling temperature (`PhaseLoss.temperature`): the log-probs are those of the
+distribution the sampler drew from, as the reference's learner divides its logits by the
+rollout temperature (docs/algorithm.md "Log-probs and temperature").
 
 A learner rank splits its rows into mini-batches (one optimizer step each), packs each mini-batch
 into micro-batches by a token budget (one forward/backward each) and accumulates gradients. The
-divisors of the aggregation are those of the WHOLE mini-batch summed over ranks
-(`spear_ray.algo.losses.loss_divisors`), so the micro-batch losses add up exactly to the
-mini-batch loss however the rows were packed, sharded or padded.
+divisors of the aggregation are those of the WHOLE mini-batch summed over ranks, scaled to the
+on-policy mini-batch size M (`mini_batch_divisors`), so the micro-batch losses add up exactly to
+the mini-batch loss however the rows were packed, sharded or padded, and every row of either
+phase weighs 1/M.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,7 @@ from spear_ray.algo.losses import (
     entropy_loss,
 )
 from spear_ray.containers import TrainBatch
+from spear_ray.recipe import PhaseLoss
 
 Phase = Literal["on_policy", "replay"]
 PHASES: tuple[str, ...] = ("on_policy", "replay")
@@ -38,27 +45,29 @@ PHASES: tuple[str, ...] = ("on_policy", "replay")
 # --------------------------------------------------------------------------- log-probs ------
 
 
-def _float_logits(logits: Tensor) -> Tensor:
+def _float_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     # bf16/fp16 logits lose too much in log_softmax; fp32 and fp64 are kept as they are.
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    # T = 0 is greedy sampling, never trained on; treat it as 1 rather than divide by zero.
+    return logits / temperature if temperature not in (0.0, 1.0) else logits
 
 
-def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """logp[b, i] = log_softmax(logits[b, i-1])[input_ids[b, i]], and 0 at i = 0.
+def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """logp[b, i] = log_softmax(logits[b, i-1] / T)[input_ids[b, i]], and 0 at i = 0.
 
     logits [B, T, V] are the model's outputs for input_ids [B, T]; the result [B, T] is aligned
     with TrainBatch.old_logprobs (entry i belongs to token i).
     """
-    logits = _float_logits(logits)[:, :-1]
+    logits = _float_logits(logits, temperature)[:, :-1]
     targets = input_ids[:, 1:].unsqueeze(-1)
     picked = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return F.pad(picked, (1, 0))
 
 
-def token_entropy(logits: Tensor) -> Tensor:
-    """H[b, i] = entropy of softmax(logits[b, i-1]) (the distribution token i was drawn from);
-    0 at i = 0. Same alignment as token_logprobs."""
-    return F.pad(entropy_from_logits(_float_logits(logits)[:, :-1]), (1, 0))
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """H[b, i] = entropy of softmax(logits[b, i-1] / T) (the distribution token i was drawn
+    from); 0 at i = 0. Same alignment as token_logprobs."""
+    return F.pad(entropy_from_logits(_float_logits(logits, temperature)[:, :-1]), (1, 0))
 
 
 # --------------------------------------------------------------------------- batching -------
@@ -70,6 +79,13 @@ def split_sizes(total: int, parts: int) -> list[int]:
         raise ValueError(f"parts must be >= 1, got {parts}")
     base, extra = divmod(total, parts)
     return [base + (k < extra) for k in range(parts)]
+
+
+def num_mini_batches(rows: int, rows_per_mini_batch: int) -> int:
+    """Optimizer steps for a batch of `rows` rows: ceil(rows / M), at least 1. The on-policy
+    batch gives learner.mini_batches_per_step; a replay batch is cut into mini-batches of the
+    on-policy size, as the reference splits it by ppo_mini_batch_size."""
+    return max(1, math.ceil(rows / max(rows_per_mini_batch, 1)))
 
 
 def rank_rows(
@@ -145,38 +161,19 @@ def micro_batches(batch: TrainBatch, tokens_per_micro_batch: int) -> list[TrainB
 # --------------------------------------------------------------------------- the loss -------
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """The scalars of one phase's loss (from PolicyLossConfig and the phase's CovConfig)."""
+def mini_batch_divisors(rows: float, tokens: float, rows_per_mini_batch: int) -> dict[str, float]:
+    """The aggregation divisors of one mini-batch of `rows` rows holding `tokens` loss tokens
+    (both summed over ranks), for a phase whose on-policy mini-batch has M rows.
 
-    aggregation: str = "seq-mean-token-sum-norm"
-    norm_length: float | None = None  # constant of seq-mean-token-sum-norm (max response tokens)
-    entropy_coef: float = 0.0
-    cov_mode: str = "none"
-    loss_kwargs: Mapping[str, Any] = field(default_factory=dict)  # compute_policy_loss kwargs
-
-    @classmethod
-    def from_config(cls, policy_loss: Any, *, phase: str, norm_length: float) -> LossSettings:
-        """policy_loss: a PolicyLossConfig; replay uses replay_cov, on-policy on_policy_cov."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        cov = policy_loss.on_policy_cov if phase == "on_policy" else policy_loss.replay_cov
-        return cls(
-            aggregation=policy_loss.aggregation,
-            norm_length=float(norm_length),
-            entropy_coef=policy_loss.entropy_coef,
-            cov_mode=cov.mode,
-            loss_kwargs={
-                "clip_low": policy_loss.clip_low,
-                "clip_high": policy_loss.clip_high,
-                "dual_clip": policy_loss.dual_clip_c,
-                "log_ratio_clamp": policy_loss.log_ratio_clamp,
-                "cov_ratio": cov.ratio,
-                "cov_lb": cov.lower_bound,
-                "cov_ub": cov.upper_bound,
-                "kl_coef": cov.kl_coef,
-            },
-        )
+    num_sequences = M and num_tokens = tokens * M / rows: the mini-batch's loss is its own
+    aggregate times rows / M. A full on-policy mini-batch (rows = M) gets its plain aggregate;
+    a replay mini-batch of 4 rows against M = 32 gets 4/32 of its own, so each replayed row
+    weighs what an on-policy row weighs (the reference scales a replay micro-batch by the
+    on-policy gradient-accumulation count, docs/algorithm.md §5). Rows whose loss is masked
+    (filters) count in `rows`, as they do in the reference's divisor.
+    """
+    m = float(rows_per_mini_batch)
+    return {"num_sequences": m, "num_tokens": tokens * m / max(rows, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -198,16 +195,16 @@ class MicroBatchLoss:
 def micro_batch_loss(
     logits: Tensor,
     micro: TrainBatch,
-    settings: LossSettings,
+    settings: PhaseLoss,
     divisors: Mapping[str, float],
     *,
     generator: torch.Generator | None = None,
 ) -> MicroBatchLoss:
-    """The policy loss of one micro-batch (SPEAR.md §1/§5), normalised by the divisors of its
-    whole mini-batch (`num_tokens`, `num_sequences`, summed over ranks)."""
+    """The policy loss of one micro-batch (docs/algorithm.md §1, §5), normalised by the divisors
+    of its whole mini-batch (`mini_batch_divisors`)."""
     device = logits.device
     mask = micro.loss_mask.to(device).bool()
-    logp = token_logprobs(logits, micro.input_ids.to(device))
+    logp = token_logprobs(logits, micro.input_ids.to(device), settings.temperature)
     out = compute_policy_loss(
         settings.cov_mode,
         logp,
@@ -215,7 +212,7 @@ def micro_batch_loss(
         micro.advantages.to(device, logp.dtype),
         mask,
         generator=generator,
-        **settings.loss_kwargs,
+        **settings.loss_kwargs(),
     )
     agg = {
         "num_tokens": divisors["num_tokens"],
@@ -225,7 +222,7 @@ def micro_batch_loss(
     pg_loss = aggregate_loss(out.per_token_loss, mask, settings.aggregation, **agg)
     # The entropy over the vocabulary is only differentiated when it is part of the loss.
     with torch.set_grad_enabled(torch.is_grad_enabled() and settings.entropy_coef > 0):
-        entropy = token_entropy(logits)
+        entropy = token_entropy(logits, settings.temperature)
         entropy_term = entropy_loss(
             entropy, mask, settings.aggregation, coef=settings.entropy_coef, **agg
         )
@@ -255,11 +252,12 @@ def micro_batch_loss(
 
 __all__ = [
     "PHASES",
-    "LossSettings",
     "MicroBatchLoss",
     "Phase",
     "micro_batch_loss",
     "micro_batches",
+    "mini_batch_divisors",
+    "num_mini_batches",
     "pack_micro_batches",
     "rank_rows",
     "split_sizes",

@@ -52,6 +52,8 @@ class Trajectory:
     finished: bool = False  # the env said done (vs. max turns / token budget reached)
     turn_anchors: list[str | None] = field(default_factory=list)  # GiGPO anchor state per turn
     turn_rewards: list[float] = field(default_factory=list)  # per-turn env reward (GiGPO returns)
+    turn_texts: list[str] = field(default_factory=list)  # decoded text of each turn (Dr.BoT)
+    turn_invalid: list[bool] = field(default_factory=list)  # the env judged the action invalid
     weight_version: int = 0  # version of the weights that sampled every token
     failure: str | None = None  # set => infrastructure failure: excluded from group statistics
     timings: dict[str, float] = field(default_factory=dict)
@@ -133,13 +135,15 @@ def build_train_batch(
     advantages: Sequence[float | Sequence[float]],
     pad_token_id: int,
     train_mask: Sequence[bool] | None = None,
+    masked_turns: Sequence[Sequence[int]] | None = None,
 ) -> TrainBatch:
     """Pad trajectories into a `TrainBatch`.
 
     advantages[k] is either one number for the whole trajectory (GRPO) or one number per turn
     (GiGPO), broadcast over the tokens that turn generated. `train_mask[k]` False (a Dr.BoT
     filter or an infrastructure failure) zeroes that row's loss mask; the row stays in the batch
-    so every rank sees the same shapes.
+    so every rank sees the same shapes. `masked_turns[k]` lists turns of trajectory k whose
+    tokens lose their loss (a Dr.BoT filter at turn scope).
     """
     if len(advantages) != len(trajectories):
         raise ValueError(f"{len(advantages)} advantages for {len(trajectories)} trajectories")
@@ -157,6 +161,9 @@ def build_train_batch(
         mask = torch.tensor(traj.loss_mask, dtype=torch.float32)
         if train_mask is not None and not train_mask[row]:
             mask.zero_()
+        for turn in masked_turns[row] if masked_turns is not None else ():
+            start, end = traj.turn_spans[turn]
+            mask[start:end] = 0
         loss_mask[row, :n] = mask
         old_logprobs[row, :n] = torch.tensor(traj.behaviour_logprobs, dtype=torch.float32) * mask
         token_advantages[row, :n] = _token_advantages(traj, adv) * mask

@@ -1,13 +1,15 @@
 """The driver of a training run: owns the actor groups and runs the SPEAR step.
 
-`Controller.step` reads like SPEAR.md §8, as named, timed phases:
+`Controller.step` reads like the algorithm (docs/algorithm.md "Step order"), as named, timed
+phases:
 
     rollout -> experience (score + tool bonus, Dr.BoT masks, group filter, advantages)
     -> replay_batch -> logp_old -> update (on-policy) -> update (replay, weighted by w_SIL(t))
     -> buffer (expire, admit, record baseline) -> sync_weights -> metrics
 
-With `rollout.async_steps: 1` the rollout of step t+1 is started before the update of step t,
-so it runs on weights one version old (staleness is measured per trajectory and logged).
+Every constant comes from the recipe (spear_ray/recipe.py), built once from the config. With
+`rollout.async_steps: 1` the rollout of step t+1 is started before the update of step t, so it
+runs on weights one version old (staleness is measured per trajectory and logged).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,13 @@ from buffers.actor import spawn_replay_buffer
 from buffers.replay_buffer import ReplayEntry, replay_train_batch
 from learners.learner_group import LearnerGroup
 from spear_ray.agent.loop import Task
-from spear_ray.algo import sil_weight
-from spear_ray.algo.curriculum import TOOL_REWARD_SCHEDULES
 from spear_ray.config import ConfigError, SpearConfig
 from spear_ray.config.schema import train_seed_range
-from spear_ray.containers import Trajectory
-from spear_ray.evaluate import evaluate_rollouts
-from spear_ray.experience import process_step
+from spear_ray.containers import TrainBatch, Trajectory
+from spear_ray.evaluation import evaluate_rollouts
+from spear_ray.experience import StepExperience, process_step
 from spear_ray.faults import NonFiniteGuard, RunFault
+from spear_ray.recipe import Recipe
 from spear_ray.run_dir import RunDir
 
 
@@ -70,115 +72,137 @@ def tasks_for_step(config: SpearConfig, step: int) -> list[Task]:
 class Controller:
     def __init__(self, config: SpearConfig, run: RunDir, pad_token_id: int, log=print):
         self.config = config
+        self.recipe = Recipe.from_config(config)
         self.run = run
         self.pad_token_id = pad_token_id
         self.log = log
         self.weight_version = 0
         # stops the run after learner.max_nonfinite_in_row non-finite updates in a row
         self.guard = NonFiniteGuard(config.learner.max_nonfinite_in_row, run=run)
+        self._pending: PendingRollout | None = None
+        self._rollout_counts: dict[str, int] = {}
+        self._rollout_seconds: float | None = None
         # Rollout workers first: their engines start while the learner ranks set up.
-        self.rollouts = RolloutGroup(config)
+        self.rollouts = RolloutGroup(self.recipe.rollout)
         self.learners: LearnerGroup | None = None
         self.buffer = None
         try:
-            self.learners = LearnerGroup(config, run=run)
-            if config.algo.sil.enabled:
-                self.buffer = spawn_replay_buffer(config, run.buffer_dir)
+            self.learners = LearnerGroup(self.recipe.learner, run=run)
+            if self.recipe.replay is not None:
+                self.buffer = spawn_replay_buffer(
+                    self.recipe.replay, run.buffer_dir, seed=config.run.seed
+                )
             log("waiting for the rollout workers' engines to start")
             # (so the engines' start-up is not timed as step 0's rollout phase)
             self.rollouts.health()
         except BaseException:
             self.shutdown()
             raise
-        self._pending: PendingRollout | None = None
 
     # ------------------------------------------------------------------ the step
 
     def step(self, t: int) -> dict[str, Any]:
-        """One training step (SPEAR.md §8); its metrics row."""
+        """One training step; its metrics row."""
         try:
             return self._step(t)
         except WeightsLostError as err:  # a learner rank died after publishing its weights
             raise RunFault(str(err), run=self.run) from err
 
     def _step(self, t: int) -> dict[str, Any]:
-        cfg, phase = self.config, Phases()
-        ranks = cfg.learner.num_ranks
+        recipe, phase = self.recipe, Phases()
         with phase("rollout"):
             trajectories = self._collect_rollout(t)
-            if cfg.rollout.async_steps and t + 1 < cfg.run.total_steps:
-                self._pending = self._start_rollout(t + 1)  # overlaps this step's update
+            if self.config.rollout.async_steps:
+                self._start_next_rollout(t)  # overlaps this step's update
         with phase("experience"):  # rewards + tool bonus, Dr.BoT masks, group filter, advantages
-            exp = process_step(trajectories, t, cfg.algo, cfg.rollout.max_response_tokens)
+            exp = process_step(
+                trajectories,
+                t,
+                tool_bonus=recipe.tool_bonus,
+                filters=recipe.filters,
+                advantage=recipe.advantage,
+            )
             batch = exp.train_batch(self.pad_token_id)
         with phase("replay_batch"):
-            replay_rows = None
-            if self.buffer is not None:
-                replay_rows = ray.get(self.buffer.replay_batch.remote(step=t, min_rows=ranks))
+            replay_rows = self._replay_rows(t)
         # Nothing to learn from a step without one valid row (every group dropped or failed).
-        skip_update = not any(traj.is_valid for traj in trajectories)
+        trainable = any(traj.is_valid for traj in trajectories)
         with phase("logp_old"):
-            if cfg.learner.logp_old == "recompute" and not skip_update:
-                batch = self.learners.recompute_old_logprobs(batch)
+            batch = self._logp_old(batch) if trainable else batch
         with phase("update"):
-            on_policy = {}
-            if not skip_update:
-                on_policy = self.learners.update(batch=batch, step=t, phase="on_policy")
-        w_sil = sil_weight(
-            t,
-            total_steps=cfg.algo.sil.ramp_steps,
-            coef=cfg.algo.sil.coef,
-            schedule=cfg.algo.sil.schedule,
-        )
-        replay: dict[str, float] = {}
+            on_policy = self._update(batch, t, "on_policy") if trainable else {}
+        w_sil = recipe.sil.weight(t)
         with phase("update_replay"):
-            if replay_rows:
-                replay_batch = replay_train_batch(replay_rows, self.pad_token_id)
-                replay = self.learners.update(
-                    batch=replay_batch, step=t, phase="replay", loss_weight=w_sil
-                )
+            replay = self._update_replay(replay_rows, t, w_sil)
         on_policy["nonfinite_in_row"] = self.guard.observe(t, on_policy, replay)  # may stop
         with phase("buffer"):  # expire stale rows, admit positive-advantage rows, baseline
-            buffer_stats = {}
-            if self.buffer is not None:
-                entries = [
-                    ReplayEntry.from_trajectory(
-                        traj,
-                        batch.advantages[i, : len(traj.token_ids)],
-                        step=t,
-                        trainable=exp.train_mask[i],
-                    )
-                    for i, traj in enumerate(trajectories)
-                ]
-                buffer_stats = ray.get(
-                    self.buffer.end_step.remote(
-                        step=t,
-                        entries=entries,
-                        group_means=exp.group_means,
-                        group_stds=exp.group_stds,
-                    )
-                )
+            buffer_stats = self._end_buffer_step(t, exp, batch)
         with phase("sync_weights"):
-            self.weight_version = t + 1
-            self.rollouts.update_weights(self.learners.publish_weights(), self.weight_version)
-        if not cfg.rollout.async_steps and t + 1 < cfg.run.total_steps:
-            self._pending = self._start_rollout(t + 1)
+            self._sync_weights(version=t + 1)
+        if not self.config.rollout.async_steps:
+            self._start_next_rollout(t)
         return step_metrics(
-            t,
-            trajectories,
-            exp.filter_counts,
-            on_policy,
-            replay,
-            buffer_stats,
-            w_sil if cfg.algo.sil.enabled else 0.0,  # what the replay loss is weighted by
-            self._tool_lambda(t),
-            self.weight_version,
-            phase.seconds,
-            num_replay_rows=len(replay_rows or []),
-            rollout_counts=self._rollout_counts,
-            update_skipped=skip_update,
-            rollout_seconds=self._rollout_seconds,
+            StepRecord(
+                step=t,
+                trajectories=trajectories,
+                filter_counts=exp.filter_counts,
+                on_policy=on_policy,
+                replay=replay,
+                buffer=buffer_stats,
+                w_sil=w_sil,
+                lambda_tc=recipe.tool_bonus.lam(t),
+                weight_version=self.weight_version,
+                seconds=phase.seconds,
+                replay_rows=len(replay_rows or []),
+                rollout_counts=self._rollout_counts,
+                update_skipped=not trainable,
+                rollout_seconds=self._rollout_seconds,
+            )
         )
+
+    # ------------------------------------------------------------------ the step's parts
+
+    def _replay_rows(self, t: int) -> list[ReplayEntry] | None:
+        """SPEAR's replay batch of step t, or None (no trigger, or SIL off)."""
+        if self.buffer is None:
+            return None
+        ranks = self.config.learner.num_ranks
+        return ray.get(self.buffer.replay_batch.remote(step=t, min_rows=ranks))
+
+    def _logp_old(self, batch: TrainBatch) -> TrainBatch:
+        """logp_old of the on-policy loss: recomputed by the learners (the reference's rule,
+        and the default) or the engine's behaviour log-probs (learner.logp_old)."""
+        if self.config.learner.logp_old == "recompute":
+            return self.learners.recompute_old_logprobs(batch)
+        return batch
+
+    def _update(self, batch: TrainBatch, t: int, phase: str, weight: float = 1.0) -> dict:
+        return self.learners.update(batch=batch, step=t, phase=phase, loss_weight=weight)
+
+    def _update_replay(self, rows: list[ReplayEntry] | None, t: int, w_sil: float) -> dict:
+        """The SIL update on the replay rows, its loss weighted by w_SIL(t)."""
+        if not rows:
+            return {}
+        return self._update(replay_train_batch(rows, self.pad_token_id), t, "replay", w_sil)
+
+    def _end_buffer_step(self, t: int, exp: StepExperience, batch: TrainBatch) -> dict:
+        """Expire stale rows, admit this step's rows (as the on-policy update trained them),
+        record the kept groups' reward statistics in the baseline history."""
+        if self.buffer is None:
+            return {}
+        entries = [
+            ReplayEntry.from_batch_row(traj, batch, row, step=t)
+            for row, traj in enumerate(exp.trajectories)
+        ]
+        return ray.get(
+            self.buffer.end_step.remote(
+                step=t, entries=entries, group_means=exp.group_means, group_stds=exp.group_stds
+            )
+        )
+
+    def _sync_weights(self, version: int) -> None:
+        self.weight_version = version
+        self.rollouts.update_weights(self.learners.publish_weights(), self.weight_version)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -186,6 +210,10 @@ class Controller:
         return self.rollouts.start(
             tasks_for_step(self.config, t), weight_version=self.weight_version
         )
+
+    def _start_next_rollout(self, t: int) -> None:
+        if t + 1 < self.config.run.total_steps:
+            self._pending = self._start_rollout(t + 1)
 
     def _collect_rollout(self, t: int) -> list[Trajectory]:
         pending = self._pending if self._pending is not None else self._start_rollout(t)
@@ -203,10 +231,6 @@ class Controller:
             self.rollouts, self.config, weight_version=self.weight_version
         )
         return metrics
-
-    def _tool_lambda(self, t: int) -> float:
-        tr = self.config.algo.tool_reward
-        return TOOL_REWARD_SCHEDULES[tr.schedule](t, tr.decay_steps) if tr.enabled else 0.0
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -259,29 +283,34 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def step_metrics(
-    t,
-    trajectories,
-    filter_counts,
-    on_policy,
-    replay,
-    buffer_stats,
-    w_sil,
-    lam,
-    version,
-    seconds,
-    num_replay_rows,
-    rollout_counts=None,
-    update_skipped=False,
-    rollout_seconds=None,
-) -> dict[str, Any]:
-    valid = [tr for tr in trajectories if tr.is_valid]
-    rollout_counts = rollout_counts or {}
+@dataclass
+class StepRecord:
+    """What one step produced, for its metrics row."""
+
+    step: int
+    trajectories: list[Trajectory]
+    filter_counts: dict[str, int] = field(default_factory=dict)
+    on_policy: dict[str, float] = field(default_factory=dict)  # learner metrics, on-policy
+    replay: dict[str, float] = field(default_factory=dict)  # learner metrics, replay
+    buffer: dict[str, Any] = field(default_factory=dict)  # the buffer's stats
+    w_sil: float = 0.0  # what the replay loss was weighted by
+    lambda_tc: float = 0.0
+    weight_version: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase
+    replay_rows: int = 0
+    rollout_counts: dict[str, int] = field(default_factory=dict)  # what worker faults cost
+    update_skipped: bool = False
+    rollout_seconds: float | None = None
+
+
+def step_metrics(record: StepRecord) -> dict[str, Any]:
+    """The metrics row of one step (NaN becomes None: null in metrics.jsonl)."""
+    valid = [tr for tr in record.trajectories if tr.is_valid]
     # samples of groups dropped with a dead rollout worker count as failures too
-    dropped = rollout_counts.get("samples_dropped", 0)
-    staleness = [version - 1 - tr.weight_version for tr in valid]
+    dropped = record.rollout_counts.get("samples_dropped", 0)
+    staleness = [record.weight_version - 1 - tr.weight_version for tr in valid]
     out: dict[str, Any] = {
-        "step": t,
+        "step": record.step,
         "reward/mean": _mean([tr.rewards.total for tr in valid]),
         "reward/task": _mean([tr.rewards.task for tr in valid]),
         "reward/tool_bonus": _mean([tr.rewards.tool_bonus for tr in valid]),
@@ -289,30 +318,30 @@ def step_metrics(
         "response_length": _mean([float(tr.response_length) for tr in valid]),
         "tool_calls": _mean([float(tr.tool_calls) for tr in valid]),
         "invalid_actions": _mean([float(tr.invalid_actions) for tr in valid]),
-        "infra_failures": len(trajectories) - len(valid) + dropped,
+        "infra_failures": len(record.trajectories) - len(valid) + dropped,
         "staleness/mean": _mean([float(s) for s in staleness]),
         "staleness/max": max(staleness, default=0),
-        "spear/w_sil": w_sil,
-        "spear/lambda_tc": lam,
-        "spear/replay_rows": num_replay_rows,
-        "weight_version": version,
+        "spear/w_sil": record.w_sil,
+        "spear/lambda_tc": record.lambda_tc,
+        "spear/replay_rows": record.replay_rows,
+        "weight_version": record.weight_version,
     }
-    out.update({f"filter/{k}": v for k, v in filter_counts.items()})
-    out.update({f"rollout/{k}": v for k, v in rollout_counts.items()})
-    out["update/skipped_no_valid_rows"] = int(update_skipped)
-    if rollout_seconds:  # generated (policy) tokens per second of the rollout's own wall time
-        generated = sum(sum(tr.loss_mask) for tr in trajectories)
-        out["rollout/seconds"] = rollout_seconds
-        out["rollout/tokens_per_s"] = generated / rollout_seconds
-    out.update({f"update/{k}": v for k, v in on_policy.items()})
-    out.update({f"replay/{k}": v for k, v in replay.items()})
+    out.update({f"filter/{k}": v for k, v in record.filter_counts.items()})
+    out.update({f"rollout/{k}": v for k, v in record.rollout_counts.items()})
+    out["update/skipped_no_valid_rows"] = int(record.update_skipped)
+    if record.rollout_seconds:  # generated (policy) tokens per second of the rollout's wall time
+        generated = sum(sum(tr.loss_mask) for tr in record.trajectories)
+        out["rollout/seconds"] = record.rollout_seconds
+        out["rollout/tokens_per_s"] = generated / record.rollout_seconds
+    out.update({f"update/{k}": v for k, v in record.on_policy.items()})
+    out.update({f"replay/{k}": v for k, v in record.replay.items()})
     out.update(
         {
             f"buffer/{k}": v
-            for k, v in buffer_stats.items()
+            for k, v in record.buffer.items()
             if isinstance(v, (int, float)) and v is not None
         }
     )
-    out.update({f"time/{k}": v for k, v in seconds.items()})
-    out["time/step"] = sum(seconds.values())
+    out.update({f"time/{k}": v for k, v in record.seconds.items()})
+    out["time/step"] = sum(record.seconds.values())
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

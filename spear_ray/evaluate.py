@@ -5,8 +5,9 @@
 
 One rollout worker (vLLM) is started on the checkpoint's HF model (learner/policy) and plays the
 held-out tasks of `eval_tasks(config)` (seeds env.eval_seed_start, +1, ...) with the run's
-evaluation sampling (`rollout.eval_temperature`). `evaluate_rollouts` is the one evaluation of the
-project: `Controller.evaluate` calls it during training with the learners' current weights.
+evaluation sampling (`rollout.eval_temperature`). `evaluate_rollouts` (spear_ray/evaluation.py) is
+the one evaluation of the project: `Controller.evaluate` calls it during training with the
+learners' current weights.
 """
 
 from __future__ import annotations
@@ -19,58 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spear_ray.agent.loop import Task
 from spear_ray.config import ConfigError, SpearConfig, load_config
 from spear_ray.containers import Trajectory
+from spear_ray.evaluation import eval_tasks, evaluate_rollouts, evaluation_metrics
 from spear_ray.export import has_tokenizer, resolve_checkpoint, run_tokenizer_path
-
-
-def eval_tasks(config: SpearConfig) -> list[Task]:
-    """The held-out tasks: env seeds env.eval_seed_start, +1, ..., one sample each."""
-    start = config.env.eval_seed_start
-    return [
-        Task(f"eval-{k}", group_id=k, env_seed=start + k, num_samples=1)
-        for k in range(config.env.eval_tasks)
-    ]
-
-
-def evaluation_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
-    """Success rate and mean task reward over the valid trajectories, and the infra failures
-    (excluded from both, never scored zero): the keys `Controller.evaluate` logs."""
-    valid = [t for t in trajectories if t.is_valid]
-    if not valid:  # nothing was measured: NaN (logged as null), never a success rate of 0
-        nan = float("nan")
-        return {
-            "eval/success_rate": nan,
-            "eval/task_reward": nan,
-            "eval/infra_failures": len(trajectories),
-        }
-    return {
-        "eval/success_rate": sum(t.success for t in valid) / len(valid),
-        "eval/task_reward": sum(t.rewards.task for t in valid) / len(valid),
-        "eval/infra_failures": len(trajectories) - len(valid),
-    }
-
-
-def evaluate_rollouts(
-    rollouts,
-    config: SpearConfig,
-    *,
-    weight_version: int | None = None,
-    on_result: Callable[[Trajectory], None] | None = None,
-) -> tuple[dict[str, float], list[Trajectory]]:
-    """Play `config`'s held-out tasks on `rollouts` (a RolloutGroup) with evaluation sampling;
-    `on_result` sees each trajectory as its task finishes. Returns (metrics, trajectories in
-    task order)."""
-    pending = rollouts.start(eval_tasks(config), weight_version=weight_version, evaluation=True)
-    trajectories: list[Trajectory] = []
-    for group in pending.stream():
-        for trajectory in group:
-            trajectories.append(trajectory)
-            if on_result is not None:
-                on_result(trajectory)
-    trajectories.sort(key=lambda t: t.group_id)
-    return evaluation_metrics(trajectories), trajectories
 
 
 def result_line(t: Trajectory) -> str:
@@ -153,7 +106,8 @@ def run_eval(
     import ray
 
     from actors.rollout_group import RolloutGroup
-    from spear_ray.train import connect_ray
+    from spear_ray.placement import connect_ray
+    from spear_ray.recipe import rollout_spec
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config, about = eval_config(
@@ -169,7 +123,7 @@ def run_eval(
     rollouts = None
     try:
         log(f"starting one rollout worker on {config.model.path}")
-        rollouts = RolloutGroup(config)
+        rollouts = RolloutGroup(rollout_spec(config))
         rollouts.health()
         log(f"evaluating on {config.env.eval_tasks} held-out {config.env.name} tasks")
         metrics, trajectories = evaluate_rollouts(rollouts, config, on_result=on_result)
@@ -187,3 +141,6 @@ def run_eval(
         **metrics,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+__all__ = ["eval_config", "eval_tasks", "evaluate_rollouts", "evaluation_metrics", "run_eval"]

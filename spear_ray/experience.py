@@ -1,13 +1,15 @@
-"""From a step's trajectories to training data: score -> Dr.BoT masks -> group filter ->
-advantages (SPEAR.md §8, the part between rollout and update).
+"""From a step's trajectories to training data (docs/algorithm.md "Step order", the part between
+rollout and update): score (+ tool bonus) -> Dr.BoT masks -> group filter -> advantages.
 
-Config objects are unpacked here into the explicit scalars of `spear_ray.algo`, so the math
-stays pure and this file is the one place that maps config fields onto it.
+The constants come from the recipe (`spear_ray.recipe`); the math is `spear_ray.algo`. This file
+applies them to `Trajectory` objects.
 
 Infrastructure failures (`Trajectory.failure`) are excluded from every group statistic and
-carry no loss; Dr.BoT-filtered samples carry no loss but stay in the group statistics. A group
-left with fewer valid samples than `algo.filters.min_valid_samples` (or than its size, if
-smaller) is dropped whole: no loss, not in the group filter, not in the baseline history.
+carry no loss; Dr.BoT-filtered turns or trajectories carry no loss but stay in the group
+statistics. A group left with fewer valid samples than `min_valid_samples` (or than its size,
+if smaller) is dropped whole: no loss, not in the group filter, not in the baseline history.
+Groups the group filter drops carry no loss and leave the baseline history too, as the
+reference removes them from the batch before it records the history.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from spear_ray.algo import (
     compute_advantages,
     group_filter_keep,
     group_reward_stats,
-    has_repeated_ngram,
-    shaped_score,
 )
-from spear_ray.config.schema import AlgoConfig, FilterConfig, ToolRewardConfig
+from spear_ray.algo.filters import drbot_reasons
 from spear_ray.containers import TrainBatch, Trajectory, build_train_batch
+from spear_ray.recipe import AdvantageRule, Filters, ToolBonus
 
 
 @dataclass
@@ -37,58 +38,90 @@ class StepExperience:
     trajectories: list[Trajectory]
     advantages: list[float | list[float]]  # per trajectory, or per turn (GiGPO)
     train_mask: list[bool]  # False: no loss (infra failure, Dr.BoT filter, group filter)
+    masked_turns: list[list[int]]  # per trajectory: turns a turn-scope Dr.BoT filter masked
     filter_counts: dict[str, int]
-    group_means: torch.Tensor  # per-group reward mean (valid members) for the baseline history
-    group_stds: torch.Tensor
+    group_means: torch.Tensor  # per-group reward mean of the groups kept, for the history
+    group_stds: torch.Tensor  # (population std)
 
     def train_batch(self, pad_token_id: int) -> TrainBatch:
         return build_train_batch(
-            self.trajectories, self.advantages, pad_token_id, train_mask=self.train_mask
+            self.trajectories,
+            self.advantages,
+            pad_token_id,
+            train_mask=self.train_mask,
+            masked_turns=self.masked_turns,
         )
 
 
 # ----------------------------------------------------------------------------- score (§6)
 
 
-def apply_tool_bonus(trajectories: Sequence[Trajectory], step: int, cfg: ToolRewardConfig) -> None:
-    """Set each trajectory's `rewards.tool_bonus` = shaped score - task reward at this step."""
+def apply_tool_bonus(trajectories: Sequence[Trajectory], step: int, bonus: ToolBonus) -> None:
+    """Set each trajectory's `rewards.tool_bonus` (r_tc * lambda(t), combined as configured)."""
     for traj in trajectories:
-        if not cfg.enabled:
-            traj.rewards.tool_bonus = 0.0
-            continue
-        score = shaped_score(
-            traj.rewards.task,
-            traj.tool_calls,
-            step,
-            total_steps=cfg.decay_steps,
-            schedule=cfg.schedule,
-            combination=cfg.combine,
-            per_call=cfg.per_call,
-            cap=cfg.cap,
-        )
-        traj.rewards.tool_bonus = float(score) - traj.rewards.task
+        traj.rewards.tool_bonus = bonus.bonus(traj.rewards.task, traj.tool_calls, step)
 
 
 # ----------------------------------------------------------------------------- filters (§2)
 
 
-def drbot_reasons(traj: Trajectory, cfg: FilterConfig, max_response_tokens: int) -> list[str]:
-    """The Dr.BoT filters a trajectory trips (empty = it trains)."""
+def turn_filter_reasons(traj: Trajectory, filters: Filters) -> list[list[str]]:
+    """Turn scope: the Dr.BoT reasons of each turn, judged on that turn's own response."""
     reasons = []
-    turns = len(traj.turn_spans)
-    if cfg.void_turn and turns > 0 and traj.invalid_actions >= turns:
-        reasons.append("void_turn")  # not one valid action in the whole episode
-    if cfg.overlong and traj.response_length >= max_response_tokens:
-        reasons.append("overlong")
-    if cfg.repetition:
-        generated = [t for t, m in zip(traj.token_ids, traj.loss_mask, strict=True) if m]
-        if has_repeated_ngram(
-            generated, n=cfg.repetition_ngram, max_repeats=cfg.repetition_max_count
-        ):
-            reasons.append("repetitive")
-    if cfg.unreadable and traj.env_info.get("unreadable", False):
-        reasons.append("unreadable")
+    for k, (start, end) in enumerate(traj.turn_spans):
+        reasons.append(
+            drbot_reasons(
+                traj.token_ids[start:end],
+                traj.turn_texts[k] if k < len(traj.turn_texts) else "",
+                void=k < len(traj.turn_invalid) and traj.turn_invalid[k],
+                overlong=end - start >= filters.max_tokens_per_turn,
+                checks=filters.checks,
+            )
+        )
     return reasons
+
+
+def trajectory_filter_reasons(traj: Trajectory, filters: Filters) -> list[str]:
+    """Trajectory scope: the Dr.BoT reasons of the whole episode."""
+    ended_by = traj.env_info.get("ended_by")
+    generated = [t for t, m in zip(traj.token_ids, traj.loss_mask, strict=True) if m]
+    return drbot_reasons(
+        generated,
+        "".join(traj.turn_texts),
+        # no final answer: the env never ended the episode itself
+        void=ended_by != "done",
+        overlong=ended_by == "response_token_budget"
+        or traj.response_length >= filters.max_response_tokens,
+        checks=filters.checks,
+    )
+
+
+def apply_drbot_filters(
+    trajectories: Sequence[Trajectory], valid: torch.Tensor, filters: Filters
+) -> tuple[torch.Tensor, list[list[int]], dict[str, int]]:
+    """(trains [N] bool, masked turns per trajectory, counts per reason).
+
+    Turn scope masks the flagged turns (counted in turns) and a trajectory only when all its
+    turns are flagged; trajectory scope masks whole trajectories (counted in trajectories).
+    """
+    trains = valid.clone()
+    masked: list[list[int]] = [[] for _ in trajectories]
+    counts: dict[str, int] = {}
+    for i, traj in enumerate(trajectories):
+        if not valid[i]:
+            continue
+        if filters.scope == "turn":
+            per_turn = turn_filter_reasons(traj, filters)
+            masked[i] = [k for k, reasons in enumerate(per_turn) if reasons]
+            found = [reason for reasons in per_turn for reason in reasons]
+            if traj.turn_spans and len(masked[i]) == len(traj.turn_spans):
+                trains[i] = False
+        else:
+            found = trajectory_filter_reasons(traj, filters)
+            trains[i] = not found
+        for reason in found:
+            counts[reason] = counts.get(reason, 0) + 1
+    return trains, masked, counts
 
 
 # ----------------------------------------------------------------------------- advantages (§1)
@@ -101,14 +134,13 @@ def _anchor_id(anchor: str | None, traj_index: int, turn: int) -> int:
 
 
 def compute_step_advantages(
-    trajectories: Sequence[Trajectory], valid: torch.Tensor, algo: AlgoConfig
+    trajectories: Sequence[Trajectory], valid: torch.Tensor, rule: AdvantageRule
 ) -> list[float | list[float]]:
     """Per-trajectory advantages (GRPO) or per-turn advantages (GiGPO)."""
-    a = algo.advantage
     rewards = torch.tensor([t.rewards.total for t in trajectories], dtype=torch.float64)
     group_ids = torch.tensor([t.group_id for t in trajectories], dtype=torch.long)
-    kwargs = dict(norm_by_std=a.norm_by_std, epsilon=a.epsilon)
-    if a.estimator == "grpo":
+    kwargs = dict(norm_by_std=rule.divides_by_std, epsilon=rule.epsilon)
+    if rule.estimator == "grpo":
         adv = compute_advantages("grpo", AdvantageInputs(rewards, group_ids, valid), **kwargs)
         return [float(x) for x in adv]
     step_traj, step_rewards, step_anchor = [], [], []
@@ -126,7 +158,7 @@ def compute_step_advantages(
         step_anchor=torch.tensor(step_anchor, dtype=torch.long),
     )
     per_step = compute_advantages(
-        a.estimator, inputs, gamma=a.gigpo_gamma, step_weight=a.gigpo_step_weight, **kwargs
+        rule.estimator, inputs, gamma=rule.gamma, step_weight=rule.step_weight, **kwargs
     )
     out: list[list[float]] = [[] for _ in trajectories]
     for i, value in zip(step_traj, per_step.tolist(), strict=True):
@@ -147,39 +179,41 @@ def enough_valid(group_ids: torch.Tensor, valid: torch.Tensor, min_valid: int) -
 
 
 def process_step(
-    trajectories: list[Trajectory], step: int, algo: AlgoConfig, max_response_tokens: int
+    trajectories: list[Trajectory],
+    step: int,
+    *,
+    tool_bonus: ToolBonus,
+    filters: Filters,
+    advantage: AdvantageRule,
 ) -> StepExperience:
-    """score -> Dr.BoT masks -> group filter -> advantages, as SPEAR.md §8 orders them."""
-    apply_tool_bonus(trajectories, step, algo.tool_reward)
+    """score -> Dr.BoT masks -> group filter -> advantages, in the reference's order."""
+    apply_tool_bonus(trajectories, step, tool_bonus)
     valid = torch.tensor([t.is_valid for t in trajectories], dtype=torch.bool)
     counts = {"infra_failure": int((~valid).sum())}
     group_ids = torch.tensor([t.group_id for t in trajectories], dtype=torch.long)
     # From here on a sample of a dropped group counts as invalid: its group has no baseline.
-    enough = enough_valid(group_ids, valid, algo.filters.min_valid_samples)
+    enough = enough_valid(group_ids, valid, filters.min_valid_samples)
     counts["groups_too_few_valid"] = len(set(group_ids[~enough].tolist()))
     valid &= enough
-    train = valid.clone()
-    for i, traj in enumerate(trajectories):
-        if not valid[i]:
-            continue
-        for reason in drbot_reasons(traj, algo.filters, max_response_tokens):
-            counts[reason] = counts.get(reason, 0) + 1
-            train[i] = False
+    train, masked_turns, reasons = apply_drbot_filters(trajectories, valid, filters)
+    counts.update(reasons)
     rewards = torch.tensor([t.rewards.total for t in trajectories], dtype=torch.float64)
-    if algo.filters.group_keep_ratio < 1.0:
+    kept_group = valid.clone()
+    if filters.group_keep_ratio < 1.0:
         # Among the groups that are left: a dropped group takes no place in the kept fraction.
-        keep_group = torch.zeros_like(valid)
-        keep_group[enough] = group_filter_keep(
-            rewards[enough], group_ids[enough], valid[enough], algo.filters.group_keep_ratio
+        kept_group = torch.zeros_like(valid)
+        kept_group[enough] = group_filter_keep(
+            rewards[enough], group_ids[enough], valid[enough], filters.group_keep_ratio
         )
-        counts["group_filter"] = int((train & ~keep_group).sum())
-        train &= keep_group
-    advantages = compute_step_advantages(trajectories, valid, algo)
-    means, stds = group_reward_stats(rewards, group_ids, valid)
+        counts["group_filter"] = int((train & ~kept_group).sum())
+        train &= kept_group
+    advantages = compute_step_advantages(trajectories, valid, advantage)
+    means, stds = group_reward_stats(rewards, group_ids, valid & kept_group)
     return StepExperience(
         trajectories=trajectories,
         advantages=advantages,
         train_mask=train.tolist(),
+        masked_turns=masked_turns,
         filter_counts=counts,
         group_means=means,
         group_stds=stds,

@@ -21,6 +21,7 @@ this module is used only by the actor groups (actors/, learners/), never by `imp
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -120,3 +121,19 @@ def kill_actors(actors: Sequence[Any], timeout_s: float = SHUTDOWN_TIMEOUT_S) ->
     for actor in actors:
         with contextlib.suppress(ValueError):  # not an actor handle
             ray.kill(actor)
+
+
+def connect_ray(address: str | None, log) -> bool:
+    """Start a local Ray, or join `address` (else $RAY_ADDRESS, which a Ray job's entrypoint
+    gets), unless Ray is running already; True if this call started or joined it (so the caller
+    owns the shutdown)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"connecting to Ray at {address}")
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log("starting a local Ray")
+        ray.init(include_dashboard=False, log_to_driver=True)
+    return True

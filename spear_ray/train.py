@@ -12,27 +12,10 @@ import time
 
 from spear_ray.config import SpearConfig
 from spear_ray.console import OutputMode, TrainOutput, format_duration
+from spear_ray.placement import connect_ray
 from spear_ray.preflight import resolve_run  # noqa: F401  (the CLI's: checks, then the run dir)
 from spear_ray.reporting import Reporter
 from spear_ray.run_dir import RunDir
-
-
-def connect_ray(address: str | None, log) -> bool:
-    """Start a local Ray, or join `address` (else $RAY_ADDRESS, which a Ray job's entrypoint
-    gets), unless Ray is running already; True if this call started or joined it (so the caller
-    owns the shutdown)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"connecting to Ray at {address}")
-        ray.init(address=address, log_to_driver=True)
-    else:
-        log("starting a local Ray")
-        ray.init(include_dashboard=False, log_to_driver=True)
-    return True
 
 
 def run_training(

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spear_ray.agent.chat import ChatFormat
-from spear_ray.algo.filters import is_unreadable
 from spear_ray.containers import RewardParts, Trajectory
 from spear_ray.engines.base import Engine, SamplingSpec
 from spear_ray.envs.base import StepResult, TextEnv
@@ -73,6 +72,8 @@ class _Episode:
     turn_spans: list[tuple[int, int]] = field(default_factory=list)
     turn_anchors: list[str | None] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
+    turn_texts: list[str] = field(default_factory=list)
+    turn_invalid: list[bool] = field(default_factory=list)
     task_reward: float = 0.0
     invalid_actions: int = 0
     tool_calls: int = 0
@@ -218,8 +219,7 @@ async def _play(
         ep.turn_spans.append((start, len(ep.token_ids)))
         ep.weight_versions.append(gen.weight_version)
         text = chat.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-        if is_unreadable(text):  # Dr.BoT's unreadable filter reads this flag (SPEAR.md §2)
-            ep.extra["unreadable"] = True
+        ep.turn_texts.append(text)  # the Dr.BoT filters judge each turn's text (experience.py)
         t0 = time.perf_counter()
         result: StepResult = await _call_env(
             executor, env.step, text, timeout_s=s.env_call_timeout_s, what="env.step"
@@ -230,6 +230,7 @@ async def _play(
         penalty = s.invalid_action_penalty if info.invalid_action else 0.0
         ep.turn_rewards.append(result.reward + penalty)
         ep.turn_anchors.append(info.anchor)
+        ep.turn_invalid.append(bool(info.invalid_action))
         ep.invalid_actions += int(info.invalid_action)
         ep.tool_calls += int(info.tool_call)
         ep.success = info.success
@@ -293,6 +294,8 @@ async def run_episode(
     if len(ep.turn_spans) > len(ep.turn_rewards):
         ep.turn_rewards.append(0.0)
         ep.turn_anchors.append(None)
+        ep.turn_invalid.append(False)
+    ep.turn_texts += [""] * (len(ep.turn_spans) - len(ep.turn_texts))
     return Trajectory(
         task_id=task.task_id,
         group_id=task.group_id,
@@ -312,6 +315,8 @@ async def run_episode(
         finished=ep.finished,
         turn_anchors=ep.turn_anchors,
         turn_rewards=ep.turn_rewards,
+        turn_texts=ep.turn_texts,
+        turn_invalid=ep.turn_invalid,
         # The oldest weights any token was sampled with: staleness is measured from it.
         weight_version=min(ep.weight_versions, default=0),
         failure=failure,

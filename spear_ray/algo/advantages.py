@@ -62,12 +62,15 @@ class AdvantageInputs:
 
 
 def group_mean_std(
-    values: Tensor, group_ids: Tensor, valid: Tensor | None = None
+    values: Tensor, group_ids: Tensor, valid: Tensor | None = None, *, unbiased: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-element (mean, unbiased std, count) of its group, over valid members only.
+    """Per-element (mean, std, count) of its group, over valid members only.
 
-    All three outputs have the shape of `values` [N]. std is 0 where the group has fewer than two
-    valid members; mean is 0 where it has none.
+    All three outputs have the shape of `values` [N]. std is the unbiased sample std (divide by
+    n - 1, torch.std's default, what the reference's GRPO/GiGPO advantages use) or with
+    unbiased=False the population std (np.std's default, what the reference's group filter and
+    baseline history use). std is 0 where the group has fewer than two valid members; mean is 0
+    where it has none.
     """
     if valid is None:
         valid = torch.ones_like(values, dtype=torch.bool)
@@ -85,7 +88,7 @@ def group_mean_std(
     mean = zeros.index_add(0, inverse, x) / count.clamp(min=1)
     # Two-pass variance (deviations from the mean) is exact enough in float32 for rewards.
     dev = torch.where(valid, values - mean[inverse], torch.zeros_like(values))
-    var = zeros.index_add(0, inverse, dev * dev) / (count - 1).clamp(min=1)
+    var = zeros.index_add(0, inverse, dev * dev) / (count - int(unbiased)).clamp(min=1)
     std = torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))
     return mean[inverse], std[inverse], count[inverse]
 

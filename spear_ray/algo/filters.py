@@ -1,9 +1,23 @@
-"""Dr.BoT sample filters (SPEAR.md §2).
+"""Dr.BoT filters (docs/algorithm.md, "Dr.BoT filters"): the one implementation that runs.
 
-Each filter returns a bool "keep" per sample (True = trains). A filter only zeroes the sample's
-loss mask (`apply_keep`); the sample stays in the batch and in its group's reward statistics, so
-dropping a broken response does not shift its siblings' advantages. Infrastructure failures are
-a different thing (the `valid` flag of advantages.py): those leave the statistics too.
+A filter zeroes loss: the sample (or turn) stays in the batch and in its group's reward
+statistics, so dropping a broken response does not shift its siblings' advantages.
+Infrastructure failures are a different thing (the `valid` flag of advantages.py): those leave
+the statistics too.
+
+Two scopes, one per reference recipe (both mask a *row*; the recipes differ in what a row is):
+- "turn" (the agent recipe, where every env step is its own training row): each turn is judged
+  on its own response and a flagged turn's tokens lose their loss; the other turns still train.
+- "trajectory" (the math recipe, where a row is one whole multi-turn response): the episode is
+  judged as a whole and a flagged episode loses all its loss.
+
+The reasons, each a pure function of the tokens/text (the caller says which to check):
+- void:       turn: its action was invalid (no parsable action); trajectory: no final answer
+              (the env never ended the episode itself: truncated by max turns or the budget),
+- overlong:   turn: it used the whole per-turn token limit; trajectory: the response budget ran
+              out,
+- repetitive: some `ngram` of token ids occurs `max_repeats` or more times in the response,
+- unreadable: the decoded text holds U+FFFD or UTF-8-as-Latin-1 mojibake.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,22 +34,45 @@ from torch import Tensor
 
 from spear_ray.algo.advantages import group_mean_std
 
+FILTER_SCOPES = ("turn", "trajectory")
+REASONS = ("void_turn", "overlong", "repetitive", "unreadable")
 
-def void_turn_keep(no_valid_action: Tensor, no_final_answer: Tensor | None = None) -> Tensor:
-    """Drop incomplete / void episodes: a turn with no parsable action, or no final answer.
 
-    Both flags are [N] bool, computed by the agent loop (it knows its action format).
+@dataclass(frozen=True)
+class DrBoTChecks:
+    """Which Dr.BoT filters run, with their constants (explicit scalars, no config object)."""
+
+    void: bool = True
+    overlong: bool = True
+    repetition: bool = True
+    unreadable: bool = True
+    ngram: int = 20
+    max_repeats: int = 10
+
+
+def drbot_reasons(
+    token_ids: Sequence[int],
+    text: str,
+    *,
+    void: bool,
+    overlong: bool,
+    checks: DrBoTChecks,
+) -> list[str]:
+    """The Dr.BoT reasons one response (a turn, or a whole trajectory's generated tokens) trips.
+
+    `void` / `overlong` are the caller's facts about the response (they depend on the scope, see
+    the module docstring); repetition and unreadability are computed here. Empty = it trains.
     """
-    void = no_valid_action.bool()
-    if no_final_answer is not None:
-        void = void | no_final_answer.bool()
-    return ~void
-
-
-def overlong_keep(response_lengths: Tensor, max_response_length: int) -> Tensor:
-    """Drop responses that hit the length limit (length >= max_response_length): their ending
-    was cut, so their reward judges an unfinished answer."""
-    return response_lengths < max_response_length
+    reasons = []
+    if checks.void and void:
+        reasons.append("void_turn")
+    if checks.overlong and overlong:
+        reasons.append("overlong")
+    if checks.repetition and has_repeated_ngram(token_ids, checks.ngram, checks.max_repeats):
+        reasons.append("repetitive")
+    if checks.unreadable and is_unreadable(text):
+        reasons.append("unreadable")
+    return reasons
 
 
 # Polynomial rolling hash mod 2^64 (numpy uint64 arithmetic wraps). The base is odd, so it is
@@ -87,18 +125,6 @@ def has_repeated_ngram(
     return False
 
 
-def repetition_keep(
-    token_id_seqs: Sequence[Sequence[int] | np.ndarray | Tensor],
-    n: int = 20,
-    max_repeats: int = 10,
-) -> Tensor:
-    """Drop degenerate loops: keep[i] is False when sequence i has an n-gram repeated
-    max_repeats times. Pass the generated tokens only (tool output may repeat legitimately)."""
-    return torch.tensor(
-        [not has_repeated_ngram(seq, n, max_repeats) for seq in token_id_seqs], dtype=torch.bool
-    )
-
-
 # What "unreadable" means here, kept deliberately small:
 # - U+FFFD, the replacement character a tokenizer emits for bytes that are not valid UTF-8
 #   (the model produced a broken multi-byte sequence);
@@ -113,11 +139,6 @@ _UNREADABLE = re.compile("\ufffd|[\u00c2-\u00f4][\u0080-\u00bf]|\u00e2\u20ac")
 def is_unreadable(text: str) -> bool:
     """True when decoded text contains U+FFFD or a typical UTF-8-as-Latin-1 mojibake pair."""
     return _UNREADABLE.search(text) is not None
-
-
-def unreadable_keep(texts: Sequence[str]) -> Tensor:
-    """keep[i] is False when texts[i] (the decoded generated text) is unreadable."""
-    return torch.tensor([not is_unreadable(t) for t in texts], dtype=torch.bool)
 
 
 def num_groups_kept(n_groups: int, keep_ratio: float) -> int:
@@ -136,16 +157,17 @@ def num_groups_kept(n_groups: int, keep_ratio: float) -> int:
 def group_filter_keep(
     rewards: Tensor, group_ids: Tensor, valid: Tensor | None = None, keep_ratio: float = 0.75
 ) -> Tensor:
-    """Keep the groups with the highest reward std (SPEAR.md §2 `rollout_filter_ratio`).
+    """Keep the groups with the highest reward std (the reference's `rollout_filter_ratio`).
 
-    The std is the unbiased std over valid members (0 with fewer than two). The
+    The std is the population std over valid members (np.std, as the reference ranks groups;
+    0 with fewer than two). The
     `num_groups_kept(n_groups, keep_ratio)` groups of largest std are kept; ties are broken
     by ascending group id, so the result is deterministic. Returns [N] bool.
     """
     if rewards.numel() == 0:
         return torch.zeros(0, dtype=torch.bool, device=rewards.device)
     unique_ids, inverse = torch.unique(group_ids, return_inverse=True)
-    _, std, _ = group_mean_std(rewards, group_ids, valid)
+    _, std, _ = group_mean_std(rewards, group_ids, valid, unbiased=False)
     n_groups = unique_ids.numel()
     group_std = torch.zeros(n_groups, dtype=std.dtype, device=std.device)
     group_std[inverse] = std  # every member of a group carries the same std
@@ -154,8 +176,3 @@ def group_filter_keep(
     keep_group = torch.zeros(n_groups, dtype=torch.bool, device=rewards.device)
     keep_group[order[: num_groups_kept(n_groups, keep_ratio)]] = True
     return keep_group[inverse]
-
-
-def apply_keep(loss_mask: Tensor, keep: Tensor) -> Tensor:
-    """Zero the loss mask of every row whose keep is False. Same dtype as loss_mask."""
-    return loss_mask * keep.to(loss_mask.dtype).unsqueeze(-1)

@@ -82,15 +82,16 @@ def stale_keep(
 def group_reward_stats(
     rewards: Tensor, group_ids: Tensor, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Per-group reward (mean, unbiased std) for the baseline history, one entry per group that
-    has at least one valid member, groups in ascending id order. std is 0 for a single member.
+    """Per-group reward (mean, population std) for the baseline history, one entry per group
+    that has at least one valid member, groups in ascending id order. std is 0 for a single
+    member. Population std (np.std) is what the reference's baseline history stores.
     """
     if rewards.numel() == 0:
         return rewards.new_zeros(0), rewards.new_zeros(0)
     if valid is None:
         valid = torch.ones_like(rewards, dtype=torch.bool)
     unique_ids, inverse = torch.unique(group_ids, return_inverse=True)
-    mean, std, count = group_mean_std(rewards, group_ids, valid)
+    mean, std, count = group_mean_std(rewards, group_ids, valid, unbiased=False)
     n = unique_ids.numel()
     g_mean, g_std = rewards.new_zeros(n), rewards.new_zeros(n)
     g_count = torch.zeros(n, dtype=count.dtype, device=count.device)
@@ -144,12 +145,21 @@ def baseline_advantages(
     norm_by_std: bool = False,
     epsilon: float = 1e-6,
 ) -> Tensor:
-    """The "baseline" mode: A_hat = R_stored - P50(hist means) [/ (P50(hist stds) + eps)]. [B]."""
+    """The "baseline" mode: A_hat = R_stored - P50(hist means) [/ (P50(hist stds) + eps)]. [B].
+
+    Guard (ours; the reference divides regardless): when P50 of the history's group stds is not
+    above epsilon -- at least half of the recent groups had no reward spread, common with sparse
+    binary rewards -- there is no scale to normalise by, and dividing by ~epsilon would turn a
+    reward gap of 1 into an advantage of ~1e6. The advantage is then left unscaled, as with
+    norm_by_std off.
+    """
     adv = rewards - percentile50(hist_group_means)
     if norm_by_std:
         if hist_group_stds is None:
             raise ValueError("norm_by_std needs hist_group_stds")
-        adv = adv / (percentile50(hist_group_stds) + epsilon)
+        scale = percentile50(hist_group_stds)
+        if scale > epsilon:
+            adv = adv / (scale + epsilon)
     return adv
 
 

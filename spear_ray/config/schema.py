@@ -204,8 +204,15 @@ class AdvantageConfig(Section):
     )
     norm_by_std: bool = Field(
         False,
-        description="Divide advantages by the group std (+epsilon); false for Dr.BoT/SPEAR. Also "
-        "applies to replay recalibration (SPEAR.md §4).",
+        description="GRPO: divide advantages by the group std (+epsilon); false for Dr.BoT/SPEAR. "
+        "Also applies to replay recalibration.",
+    )
+    gigpo_std_norm: bool = Field(
+        True,
+        description="GiGPO: divide its episode and step advantages by their group std "
+        "(the reference's gigpo.mode mean_std_norm, set in every released GiGPO script, Dr.BoT "
+        "and SPEAR included; false = mean_norm). Independent of norm_by_std, as in the "
+        "reference.",
     )
     epsilon: float = Field(1e-6, gt=0, description="Added to the std before dividing.")
     gigpo_gamma: float = Field(
@@ -245,9 +252,7 @@ class ReplayCovConfig(CovConfig):
 
     ratio: float = Field(0.02, ge=0, le=1, description="Fraction k/n_valid of tokens selected.")
     lower_bound: float = Field(2.0, description="Clip-Cov: candidates have covariance above this.")
-    upper_bound: float = Field(
-        60.0, description="Clip-Cov: candidates have covariance below this."
-    )
+    upper_bound: float = Field(60.0, description="Clip-Cov: candidates have covariance below this.")
 
 
 class PolicyLossConfig(Section):
@@ -283,12 +288,26 @@ class PolicyLossConfig(Section):
 
 
 class FilterConfig(Section):
-    """Dr.BoT filters (SPEAR.md §2): they zero the loss mask; samples stay in group statistics."""
+    """Dr.BoT filters (docs/algorithm.md §2): they zero loss; samples stay in group statistics."""
 
-    void_turn: bool = Field(
-        True, description="Mask trajectories with no valid action/final answer."
+    scope: Literal["turn", "trajectory"] = Field(
+        "turn",
+        description="What a filter masks: turn = each flagged turn of a trajectory (the agent "
+        "recipe, whose rows are single turns); trajectory = the whole trajectory (the math "
+        "recipe, whose rows are whole multi-turn responses).",
     )
-    overlong: bool = Field(True, description="Mask responses that hit max_response_tokens.")
+    void_turn: bool = Field(
+        True,
+        description="Mask void responses: turn scope, a turn whose action was invalid; "
+        "trajectory scope, an episode without a final answer (truncated by max turns or the "
+        "token budget).",
+    )
+    overlong: bool = Field(
+        True,
+        description="Mask cut responses: turn scope, a turn that used all "
+        "rollout.max_tokens_per_turn; trajectory scope, one that ran out of "
+        "rollout.max_response_tokens.",
+    )
     repetition: bool = Field(True, description="Mask responses with a heavily repeated n-gram.")
     repetition_ngram: int = Field(
         20, ge=1, description="n of the repeated n-gram test (token ids)."
@@ -573,6 +592,18 @@ class SpearConfig(Section):
             raise ValueError(
                 f"rollout.max_tokens_per_turn: {self.rollout.max_tokens_per_turn} exceeds "
                 f"rollout.max_response_tokens ({self.rollout.max_response_tokens}); lower it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_logprob_convention(self) -> SpearConfig:
+        # The engine returns log-probs of the distribution it sampled from (logits / T, then
+        # top-p renormalised); the learner computes those of logits / T. They agree only at
+        # top_p 1, so the engine's may serve as logp_old only there.
+        if self.rollout.top_p < 1.0 and self.learner.logp_old == "behaviour":
+            raise ValueError(
+                f"learner.logp_old: 'behaviour' needs rollout.top_p 1 (got {self.rollout.top_p}); "
+                "the learner's log-probs ignore top-p, so use logp_old: recompute"
             )
         return self
 

@@ -4,7 +4,8 @@ It is deliberately plain (one full forward pass per sampled token, no KV cache, 
 time) so that it is obviously right; it is not a fallback for rollouts, which always use vLLM.
 It follows the same rules as `VLLMEngine`: stop after a stop token id, a stop string (the token
 that completes it is the last one) or the model's EOS token(s), the stop token included, and
-log-probs = log_softmax(raw logits) of the sampled token (no temperature or top-p applied).
+log-probs = those of the sampled token under the distribution it was drawn from: log_softmax of
+logits / T (renormalised over the top-p nucleus when top_p < 1; raw logits when greedy).
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ class HFEngine:
         while len(out_ids) < spec.max_tokens:
             inputs = torch.tensor([ids], device=self.device)
             logits = self.model(input_ids=inputs).logits[0, -1].float().cpu()
-            token = _sample(logits, spec.temperature, spec.top_p, generator)
+            token, logp = _sample(logits, spec.temperature, spec.top_p, generator)
             out_ids.append(token)
-            logprobs.append(torch.log_softmax(logits, dim=-1)[token].item())
+            logprobs.append(logp)
             ids.append(token)
             if token in stop_ids or self._hit_stop_string(out_ids, spec.stop_strings):
                 finish = "stop"
@@ -97,17 +98,23 @@ class HFEngine:
         return bool(stop_strings) and any(s in self.decode(out_ids) for s in stop_strings)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[int, float]:
+    """(token, its log-prob under the distribution it was drawn from)."""
     if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+        token = int(torch.argmax(logits))
+        return token, torch.log_softmax(logits, dim=-1)[token].item()
+    tempered = logits / temperature
+    probs = torch.softmax(tempered, dim=-1)
+    logp = torch.log_softmax(tempered, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        logp = logp - torch.log(probs.sum())  # renormalised over the nucleus
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, logp[token].item()
 
 
 def _eos_ids(tokenizer_eos: int | None, generation_config) -> set[int]:

@@ -82,12 +82,11 @@ class VLLMEngine:
     A request whose prompt plus max_tokens passes `max_model_len` ends there with finish_reason
     "length"; a prompt that alone passes it fails with ValueError (that request only).
 
-    Log-probs: `Generation.logprobs[i]` is log_softmax(raw logits)[token_ids[i]], the logits of
-    the model before temperature, top-p or any other processing (vLLM's logprobs_mode
-    "raw_logprobs"). So at temperature 1 and top_p 1 it is the log-prob under the distribution
-    actually sampled from; at other settings it is the model's own log-prob, not the tempered
-    one. A learner computing the matching quantity takes log_softmax of its logits without
-    dividing by the temperature.
+    Log-probs: `Generation.logprobs[i]` is the log-prob of token_ids[i] under the distribution
+    it was sampled from: log_softmax(logits / T), renormalised over the top-p nucleus when
+    top_p < 1 (vLLM's logprobs_mode "processed_logprobs"). At top_p 1 this is what the learner
+    computes (log_softmax(logits / T), docs/algorithm.md "Log-probs and temperature"); greedy
+    requests (T = 0) get log_softmax(logits).
 
     Weights: `update_weights` takes the full set of parameters under their HF checkpoint names
     (what `model.state_dict()` of the transformers model gives; a tied `lm_head.weight` may be
@@ -161,7 +160,7 @@ class VLLMEngine:
             # CUDA graphs pay off on GPU; on CPU eager mode starts fastest (no torch.compile).
             enforce_eager=(self.device == "cpu") if enforce_eager is None else enforce_eager,
             trust_remote_code=trust_remote_code,
-            logprobs_mode="raw_logprobs",
+            logprobs_mode="processed_logprobs",
             disable_log_stats=True,
             **device_args,
         )

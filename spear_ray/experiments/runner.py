@@ -134,7 +134,8 @@ def run_experiment(
     durations: list[float] = []
     started_ray = False
     if to_run and train is None:
-        from spear_ray.train import connect_ray, run_training
+        from spear_ray.placement import connect_ray
+        from spear_ray.train import run_training
 
         train = run_training
         started_ray = connect_ray(address, log)

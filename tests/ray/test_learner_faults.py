@@ -29,6 +29,7 @@ from learners.learner_group import LearnerError, LearnerGroup
 from learners.policy import rank_rows
 from spear_ray.config.schema import SpearConfig
 from spear_ray.faults import NonFiniteGuard, NonFiniteUpdates
+from spear_ray.recipe import learner_spec
 from spear_ray.run_dir import RunDir
 from tests.ray.test_learner_group import (
     MINI_BATCHES,
@@ -56,7 +57,7 @@ def group(ray_local, tmp_path_factory):
     run = RunDir(tmp_path_factory.mktemp("run"))
     with run.checkpoint(3) as directory:  # "the last checkpoint" the errors name
         (directory / "learner").mkdir()
-    learners = LearnerGroup(config, run=run)
+    learners = LearnerGroup(learner_spec(config), run=run)
     yield learners, run
     learners.shutdown()
 
@@ -150,7 +151,7 @@ def test_a_hung_rank_fails_the_collective_after_the_collective_timeout(ray_local
     model_dir = build_tiny_model_dir(tmp_path / "model")
     raw = make_config(model_dir, zero_stage=1).model_dump()
     raw["learner"]["collective_timeout_s"] = 15
-    learners = LearnerGroup(SpearConfig.model_validate(raw))
+    learners = LearnerGroup(learner_spec(SpearConfig.model_validate(raw)))
     try:
         _stall_rank1_in_update(learners, tmp_path)
         batch = with_behaviour_logprobs(learners, make_batch(seed=40), seed=140)

@@ -23,6 +23,7 @@ from learners.policy import rank_rows, split_sizes
 from spear_ray.algo.losses import aggregate_loss, compute_policy_loss, entropy_loss
 from spear_ray.config.schema import SpearConfig
 from spear_ray.containers import TrainBatch
+from spear_ray.recipe import learner_spec
 
 pytestmark = pytest.mark.ray
 
@@ -193,6 +194,8 @@ def reference_update(
                 dual_clip=pl.dual_clip_c,
                 log_ratio_clamp=pl.log_ratio_clamp,
             )
+            # every row of the mini-batch counts in the divisor, masked ones too (the reference's)
+            norm["num_sequences"] = mini.rows
             loss = aggregate_loss(out.per_token_loss, mask, pl.aggregation, **norm)
             loss = loss + entropy_loss(entropy, mask, pl.aggregation, coef=pl.entropy_coef, **norm)
             optimizer.zero_grad()
@@ -267,7 +270,7 @@ def learners(request, ray_cluster, model_dir):
     """(group, config, record of the group's first update: states before/after, batch,
     metrics)."""
     config = make_config(model_dir, zero_stage=request.param)
-    group = LearnerGroup(config)
+    group = LearnerGroup(learner_spec(config))
     first = first_update(group)
     yield group, config, first
     group.shutdown()

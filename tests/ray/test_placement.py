@@ -15,6 +15,7 @@ from actors.rollout_group import RolloutGroup
 from learners.learner_group import LearnerError, LearnerGroup
 from spear_ray.config import load_config
 from spear_ray.placement import PlacementError, bundle_of, in_bundle, kill_actors, remove, reserve
+from spear_ray.recipe import learner_spec, rollout_spec
 
 pytestmark = pytest.mark.ray
 
@@ -159,7 +160,7 @@ def test_kill_actors_tolerates_hung_dead_and_shutdown_less_actors(ray_local):
 def test_rollout_group_that_cannot_be_placed_names_the_config_fields(ray_local, overrides, field):
     t0 = time.monotonic()
     with pytest.raises(PlacementError) as info:
-        RolloutGroup(_config(**overrides), placement_timeout_s=FAIL_FAST_S)
+        RolloutGroup(rollout_spec(_config(**overrides)), placement_timeout_s=FAIL_FAST_S)
     assert time.monotonic() - t0 < FAIL_FAST_S + 10
     message = str(info.value)
     assert "\n" not in message and message.startswith("cannot place 1 rollout workers")
@@ -170,7 +171,7 @@ def test_rollout_group_that_cannot_be_placed_names_the_config_fields(ray_local, 
 def test_learner_group_that_cannot_be_placed_is_a_learner_error(ray_local):
     config = load_config("demo", ["resources.cpus_per_learner=64"])
     with pytest.raises(LearnerError) as info:
-        LearnerGroup(config, placement_timeout_s=FAIL_FAST_S)
+        LearnerGroup(learner_spec(config), placement_timeout_s=FAIL_FAST_S)
     assert isinstance(info.value, PlacementError)
     message = str(info.value)
     assert "\n" not in message and message.startswith("cannot place 1 learner ranks")
@@ -181,7 +182,7 @@ def test_learner_group_that_cannot_be_placed_is_a_learner_error(ray_local):
 
 def test_rollout_group_starts_its_worker_in_its_placement_group(ray_local):
     free_before = _wait_for_cpus(ray.cluster_resources()["CPU"])
-    rollouts = RolloutGroup(_config())
+    rollouts = RolloutGroup(rollout_spec(_config()))
     try:
         group = rollouts.placement_group
         assert placement_group_table(group)["bundles"] == {0: {"CPU": 0.5}}

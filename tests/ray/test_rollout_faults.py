@@ -16,6 +16,7 @@ import torch
 from actors.rollout_group import RolloutGroup
 from spear_ray.agent.loop import Task
 from spear_ray.controller import step_metrics
+from spear_ray.recipe import rollout_spec
 from tests.ray.test_rollout_group import _config, _tasks
 
 pytestmark = pytest.mark.ray
@@ -59,7 +60,7 @@ def test_a_worker_killed_mid_rollout_comes_back_with_the_current_weights(ray_loc
             "rollout.trajectory_timeout_s": 120,
         },
     )
-    rollouts = RolloutGroup(config)
+    rollouts = RolloutGroup(rollout_spec(config))
     try:
         first_pid = rollouts.health()[1]["pid"]
         initial = _tokens_of(rollouts, 0)
@@ -110,7 +111,7 @@ def test_a_worker_killed_mid_rollout_comes_back_with_the_current_weights(ray_loc
 
 def test_groups_past_their_retries_are_dropped_and_counted(ray_local, tmp_path):
     config = _config(tmp_path, **{"rollout.max_restarts": 1, "rollout.group_retries": 0})
-    rollouts = RolloutGroup(config)
+    rollouts = RolloutGroup(rollout_spec(config))
     try:
         pid = rollouts.health()[1]["pid"]
         pending = rollouts.start(_tasks(8), weight_version=0)

@@ -12,6 +12,7 @@ import ray
 from actors.rollout_group import RolloutGroup, RolloutWorkerError
 from spear_ray.agent.loop import Task
 from spear_ray.config import load_config
+from spear_ray.recipe import rollout_spec
 
 
 def _config(tmp_path, **extra):
@@ -32,7 +33,7 @@ def _config(tmp_path, **extra):
 
 @pytest.fixture(scope="module")
 def group(ray_local, tmp_path_factory):
-    rollouts = RolloutGroup(_config(tmp_path_factory.mktemp("rollout")))
+    rollouts = RolloutGroup(rollout_spec(_config(tmp_path_factory.mktemp("rollout"))))
     yield rollouts
     rollouts.shutdown()
 
@@ -71,7 +72,7 @@ def test_asking_for_weights_a_worker_lacks_is_a_clear_error(group):
 def test_killed_worker_past_its_restarts_is_named_in_a_clear_error(ray_local, tmp_path):
     # (a worker that Ray restarts is tested in test_rollout_faults.py)
     config = _config(tmp_path, **{"rollout.trajectory_timeout_s": 120, "rollout.max_restarts": 0})
-    rollouts = RolloutGroup(config)
+    rollouts = RolloutGroup(rollout_spec(config))
     try:
         pid = rollouts.health()[1]["pid"]
         pending = rollouts.start(_tasks(8, samples=2), weight_version=0)

@@ -21,6 +21,7 @@ from spear_ray.config import SpearConfig
 from spear_ray.engines.base import Generation, SamplingSpec
 from spear_ray.envs import make_env
 from spear_ray.envs.base import EnvInfo, StepResult
+from spear_ray.recipe import rollout_spec
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +339,9 @@ def _worker(tmp_path, tokenizer, **rollout):
             "rollout": {"env_call_timeout_s": 0.3, **rollout},
         }
     )
-    return RolloutWorker(config, engine=ScriptedEngine(tokenizer, ["go"]), tokenizer=tokenizer)
+    return RolloutWorker(
+        rollout_spec(config), engine=ScriptedEngine(tokenizer, ["go"]), tokenizer=tokenizer
+    )
 
 
 def test_a_rollout_worker_closes_a_hung_env_off_the_event_loop(tmp_path, tokenizer):

@@ -13,15 +13,12 @@ from hypothesis import strategies as st
 
 from spear_ray.algo import filters
 from spear_ray.algo.filters import (
-    apply_keep,
+    DrBoTChecks,
+    drbot_reasons,
     group_filter_keep,
     has_repeated_ngram,
     is_unreadable,
     num_groups_kept,
-    overlong_keep,
-    repetition_keep,
-    unreadable_keep,
-    void_turn_keep,
 )
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -32,13 +29,22 @@ def naive_repeated(ids, n, max_repeats):
     return any(c >= max_repeats for c in counts.values())
 
 
-def test_void_turn_and_overlong():
-    no_action = torch.tensor([False, True, False, False])
-    no_answer = torch.tensor([False, False, True, False])
-    assert void_turn_keep(no_action).tolist() == [True, False, True, True]
-    assert void_turn_keep(no_action, no_answer).tolist() == [True, False, False, True]
-    lengths = torch.tensor([511, 512, 513, 0])
-    assert overlong_keep(lengths, 512).tolist() == [True, False, False, True]
+def test_drbot_reasons_checks_each_filter_it_is_asked_to():
+    checks = DrBoTChecks(ngram=2, max_repeats=10)
+    clean = list(range(40))
+    assert drbot_reasons(clean, "fine", void=False, overlong=False, checks=checks) == []
+    assert drbot_reasons(clean, "fine", void=True, overlong=True, checks=checks) == [
+        "void_turn",
+        "overlong",
+    ]
+    assert drbot_reasons([1, 2] * 20, "ok", void=False, overlong=False, checks=checks) == [
+        "repetitive"
+    ]
+    assert drbot_reasons(clean, "bad \ufffd", void=False, overlong=False, checks=checks) == [
+        "unreadable"
+    ]
+    off = DrBoTChecks(void=False, overlong=False, repetition=False, unreadable=False)
+    assert drbot_reasons([7] * 40, "\ufffd", void=True, overlong=True, checks=off) == []
 
 
 @SETTINGS
@@ -78,11 +84,6 @@ def test_hash_collisions_cannot_cause_a_false_positive(monkeypatch):
         assert has_repeated_ngram(ids, 3, 4) == naive_repeated(ids, 3, 4)
 
 
-def test_repetition_keep_batch():
-    seqs = [[1, 2] * 20, list(range(40)), torch.tensor([5] * 12)]
-    assert repetition_keep(seqs, n=2, max_repeats=10).tolist() == [False, True, False]
-
-
 @pytest.mark.parametrize(
     ("text", "bad"),
     [
@@ -104,7 +105,6 @@ def test_unreadable_catches_real_mojibake_round_trips():
     for word in ["café", "naïve", "Grüße", "it’s", "–", "日本"]:
         assert not is_unreadable(word)
         assert is_unreadable(word.encode("utf-8").decode("latin-1")), word
-    assert unreadable_keep(["ok", "bad \ufffd"]).tolist() == [True, False]
 
 
 def test_num_groups_kept_rounding():
@@ -127,7 +127,7 @@ def ref_group_filter(rewards, groups, valid, ratio):
             stds[g] = 0.0
         else:
             m = sum(xs) / len(xs)
-            stds[g] = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+            stds[g] = math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))  # np.std
     ranked = sorted(stds, key=lambda g: (-stds[g], g))  # ties: smaller id first
     n_keep = min(len(ranked), max(1, math.floor(ratio * len(ranked) + 1e-9)))
     kept = set(ranked[:n_keep])
@@ -165,15 +165,18 @@ def test_group_filter_ignores_invalid_members_and_keeps_whole_groups():
     assert group_filter_keep(torch.zeros(0), torch.zeros(0, dtype=torch.long)).numel() == 0
 
 
-def test_apply_keep_zeroes_rows_only():
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
-    out = apply_keep(mask, torch.tensor([True, False, True]))
-    assert out.tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
-    assert out.dtype == mask.dtype
-
-
 def test_group_filter_breaks_std_ties_by_ascending_group_id():
     rewards = torch.zeros(8)  # every group has std 0
     groups = torch.tensor([30, 30, 10, 10, 20, 20, 40, 40])
     keep = group_filter_keep(rewards, groups, keep_ratio=0.5)
     assert keep.tolist() == [False, False, True, True, True, True, False, False]
+
+
+def test_group_filter_ranks_by_population_std_as_the_reference():
+    # Group 0 has 2 members, group 1 has 4. Population stds (np.std, the reference's rank):
+    # 0.9 vs 1.0, so group 1 is kept; the unbiased stds (1.27 vs 1.15) would keep group 0.
+    rewards = torch.tensor([0.0, 1.8, 0.0, 0.0, 2.0, 2.0])
+    groups = torch.tensor([0, 0, 1, 1, 1, 1])
+    assert np.std([0.0, 1.8]) < np.std([0.0, 0.0, 2.0, 2.0])
+    keep = group_filter_keep(rewards, groups, keep_ratio=0.5)
+    assert keep.tolist() == [False, False, True, True, True, True]

@@ -81,9 +81,11 @@ def test_group_reward_stats_matches_reference():
     means, stds = group_reward_stats(rewards, groups, valid)
     # groups in id order 2, 5, 9 ; group 9 has one valid member -> std 0
     torch.testing.assert_close(means, torch.tensor([3.0, 1 / 3, 3.0], dtype=F64))
+    # population std (np.std), as the reference's baseline history stores
     torch.testing.assert_close(
-        stds, torch.tensor([math.sqrt(2.0), math.sqrt((4 / 9 + 2 / 9) / 2), 0.0], dtype=F64)
+        stds, torch.tensor([np.std([4.0, 2.0]), np.std([1.0, 0.0, 0.0]), 0.0], dtype=F64)
     )
+    assert stds[0].item() == pytest.approx(1.0) and not math.isclose(stds[0].item(), 2**0.5)
     all_bad = torch.tensor([False] * 7)
     assert group_reward_stats(rewards, groups, all_bad)[0].numel() == 0
 
@@ -128,6 +130,16 @@ def test_baseline_recalibration_values():
     torch.testing.assert_close(got, torch.tensor([0.5, -0.3, 0.0], dtype=F64) / (0.25 + 1e-6))
     with pytest.raises(ValueError):
         baseline_advantages(rewards, means, norm_by_std=True)
+
+
+def test_std_recalibration_with_a_zero_p50_std_stays_bounded():
+    # Sparse binary rewards: most groups are all-fail, so P50 of the group stds is 0. Dividing
+    # by 0 + 1e-6 made a reward gap of 1 an advantage of 1e6; the guard leaves it unscaled.
+    rewards = torch.tensor([1.0, 0.0], dtype=F64)
+    means, stds = [0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.5]
+    got = baseline_advantages(rewards, means, stds, norm_by_std=True, epsilon=1e-6)
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.0], dtype=F64))
+    assert got.abs().max() <= 1.0
 
 
 def test_weight_recalibration():

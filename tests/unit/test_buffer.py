@@ -3,6 +3,7 @@ plain lists and loops, plus its edge cases, idempotency and durable checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -18,8 +19,8 @@ from buffers import (
     StepOrderError,
     replay_train_batch,
 )
-from spear_ray.config.schema import AdvantageConfig, BufferConfig
-from spear_ray.containers import RewardParts, Trajectory
+from spear_ray.containers import RewardParts, Trajectory, build_train_batch
+from spear_ray.recipe import ReplayRule
 
 # --------------------------------------------------------------------- the slow reference
 
@@ -27,7 +28,7 @@ from spear_ray.containers import RewardParts, Trajectory
 class RefBuffer:
     """SPEAR.md §3-§4 read literally: plain Python lists, numpy percentile, one loop per rule."""
 
-    def __init__(self, cfg: BufferConfig, norm_by_std: bool, epsilon: float, seed: int):
+    def __init__(self, cfg: ReplayRule, norm_by_std: bool, epsilon: float, seed: int):
         self.cfg, self.norm, self.eps = cfg, norm_by_std, epsilon
         self.rows: list[dict] = []
         self.means: list[float] = []
@@ -164,7 +165,7 @@ def scripted_step(rng: np.random.Generator, step: int, groups=3, per_group=4):
                 tool_calls=int(calls[k]),
                 weight_version=step - 1,
             )
-            entries.append(ReplayEntry.from_trajectory(traj, np.array(adv), step=step))
+            entries.append(entry_of(traj, np.array(adv), step=step))
     return entries, means, stds
 
 
@@ -194,10 +195,33 @@ def assert_same_entries(got, want):
         assert (a.prompt_length, a.task_id) == (b.prompt_length, b.task_id)
 
 
-def cfg(**kw) -> BufferConfig:
-    base = dict(size=4, trigger_factor=1.5, tolerate_steps=2, history_length=7)
+def cfg(**kw) -> ReplayRule:
+    base = dict(
+        size=4,
+        trigger_factor=1.5,
+        tolerate_steps=2,
+        history_length=7,
+        recalibration="baseline",
+        recalibration_weight=1.0,
+        strict_positive=False,
+        require_tool_call=False,
+        norm_by_std=False,
+        epsilon=1e-6,
+    )
     base.update(kw)
-    return BufferConfig(**base)
+    return ReplayRule(**base)
+
+
+def entry_of(traj: Trajectory, advantages, *, step: int, trainable: bool = True) -> ReplayEntry:
+    """A buffer row as the controller makes one: the trajectory's row of a TrainBatch."""
+    per_token = not isinstance(advantages, (int, float))
+    batch = build_train_batch([traj], [0.0 if per_token else advantages], 0, [trainable])
+    if per_token:
+        values = torch.as_tensor(np.asarray(advantages), dtype=torch.float32)
+        if values.numel() != len(traj.token_ids):
+            raise ValueError(f"{values.numel()} per-token advantages for {len(traj.token_ids)}")
+        batch.advantages[0] = values * batch.loss_mask[0]
+    return ReplayEntry.from_batch_row(traj, batch, 0, step=step)
 
 
 # ---------------------------------------------------------------- scripted sequence vs reference
@@ -221,8 +245,7 @@ def test_scripted_sequence_matches_reference(seed, variant):
         strict_positive=variant["strict"],
         require_tool_call=variant["require"],
     )
-    adv_cfg = AdvantageConfig(norm_by_std=variant["norm"], epsilon=1e-6)
-    buf = ReplayBuffer(config, advantage=adv_cfg, seed=seed)
+    buf = ReplayBuffer(dataclasses.replace(config, norm_by_std=variant["norm"]), seed=seed)
     ref = RefBuffer(config, variant["norm"], 1e-6, seed)
     rng = np.random.default_rng(seed)
     fired = quiet = 0
@@ -302,8 +325,13 @@ def one_row_replay(*, mode="baseline", norm=False, weight=1.0):
     """History means [0, 1, 2, 10] (P50 1.5), stds [1, 2, 3, 4] (P50 2.5); one row, reward 3.5,
     stored advantages [_, 0.4, 0.8, _] on mask [0, 1, 1, 0]."""
     buf = ReplayBuffer(
-        cfg(size=1, trigger_factor=0.5, recalibration=mode, recalibration_weight=weight),
-        advantage=AdvantageConfig(norm_by_std=norm),
+        cfg(
+            size=1,
+            trigger_factor=0.5,
+            recalibration=mode,
+            recalibration_weight=weight,
+            norm_by_std=norm,
+        )
     )
     row = make_entry("x", 3.5, [9.0, 0.4, 0.8, 9.0], [0, 1, 1, 0])
     buf.end_step(step=1, entries=[row], group_means=[0, 1, 2, 10], group_stds=[1, 2, 3, 4])
@@ -675,20 +703,20 @@ def _traj(name, *, mask, group=0, failure=None, reward=1.0):
 
 def test_entry_from_trajectory():
     traj = _traj("a", mask=[0, 0, 1, 0, 1])
-    e = ReplayEntry.from_trajectory(traj, 0.5, step=3)
+    e = entry_of(traj, 0.5, step=3)
     assert e.token_ids.dtype == np.int32 and e.loss_mask.dtype == np.uint8
     assert e.behaviour_logprobs.dtype == e.advantages.dtype == np.float32
     assert e.advantages.tolist() == [0, 0, 0.5, 0, 0.5]
     assert e.reward == pytest.approx(1.1) and e.step == 3 and e.weight_version == 4
-    per_token = ReplayEntry.from_trajectory(traj, torch.arange(5.0), step=3)
+    per_token = entry_of(traj, torch.arange(5.0), step=3)
     assert per_token.advantages.tolist() == [0, 0, 2, 0, 4]
     for dropped in (
-        ReplayEntry.from_trajectory(traj, 0.5, step=3, trainable=False),
-        ReplayEntry.from_trajectory(_traj("f", mask=[0, 0, 1], failure="sandbox"), 1.0, step=3),
+        entry_of(traj, 0.5, step=3, trainable=False),
+        entry_of(_traj("f", mask=[0, 0, 1], failure="sandbox"), 1.0, step=3),
     ):
         assert dropped.loss_mask.sum() == 0
     with pytest.raises(ValueError, match="per-token"):
-        ReplayEntry.from_trajectory(traj, [1.0, 2.0], step=3)
+        entry_of(traj, [1.0, 2.0], step=3)
 
 
 def test_replay_train_batch_pads_with_recalibrated_advantages():
@@ -700,13 +728,13 @@ def test_replay_train_batch_pads_with_recalibrated_advantages():
     buf = ReplayBuffer(cfg(size=4, trigger_factor=0.1, tolerate_steps=5))
     buf.end_step(
         step=1,
-        entries=[ReplayEntry.from_trajectory(t, 1.0, step=1) for t in trajs[:2]],
+        entries=[entry_of(t, 1.0, step=1) for t in trajs[:2]],
         group_means=[0.0, 0.0],
         group_stds=[1.0, 1.0],
     )
     buf.end_step(
         step=2,
-        entries=[ReplayEntry.from_trajectory(trajs[2], 1.0, step=2)],
+        entries=[entry_of(trajs[2], 1.0, step=2)],
         group_means=[1.0],
         group_stds=[1.0],
     )
@@ -727,4 +755,4 @@ def test_replay_train_batch_pads_with_recalibrated_advantages():
     steps_groups = [(e.step, e.group_id) for e in rows]
     assert (batch.group_ids[0] == batch.group_ids[1]) == (steps_groups[0] == steps_groups[1])
     with pytest.raises(ValueError, match="replay_batch"):
-        replay_train_batch([ReplayEntry.from_trajectory(trajs[0], 1, step=1)], 0)
+        replay_train_batch([entry_of(trajs[0], 1, step=1)], 0)

@@ -60,12 +60,14 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.5):
     }
 
 
-def recompute_logprobs(model, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
-    """log_softmax of raw logits at each generated position, gathered at the generated ids."""
+def recompute_logprobs(
+    model, prompt_ids: list[int], token_ids: list[int], temperature: float = 1.0
+) -> list[float]:
+    """log_softmax of logits / T at each generated position, gathered at the generated ids."""
     with torch.no_grad():
         ids = torch.tensor([prompt_ids + token_ids])
         logits = model(input_ids=ids).logits[0].float()
-    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1] / temperature, dim=-1)
     return logp.gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
 
 
@@ -94,11 +96,13 @@ def test_greedy_is_deterministic_and_runs_to_max_tokens_or_eos(hf):
         assert a.token_ids[-1] == EOS
 
 
-def test_logprobs_are_raw_log_softmax_of_the_sampled_token(hf):
+def test_logprobs_are_those_of_the_tempered_distribution(hf):
     spec = SamplingSpec(max_tokens=10, temperature=0.7, seed=3)
     gen = asyncio.run(hf.generate(PROMPT, spec))
-    expected = recompute_logprobs(hf.model, PROMPT, gen.token_ids)
+    expected = recompute_logprobs(hf.model, PROMPT, gen.token_ids, temperature=0.7)
     assert gen.logprobs == pytest.approx(expected, abs=1e-5)
+    raw = recompute_logprobs(hf.model, PROMPT, gen.token_ids)
+    assert gen.logprobs != pytest.approx(raw, abs=1e-3)
 
 
 def test_seeded_sampling_is_reproducible(hf):

@@ -82,16 +82,45 @@ def test_greedy_matches_transformers_token_for_token(engines):
         assert g.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
 
 
-# (0.6, 0.8): the log-probs stay those of the raw logits, not of the tempered/truncated ones
-@pytest.mark.parametrize(("temperature", "top_p"), [(0.0, 1.0), (1.0, 1.0), (0.6, 0.8)])
-def test_logprobs_equal_a_transformers_recomputation(engines, temperature, top_p):
+def learner_logprobs(model, prompt_ids, token_ids, temperature):
+    """What the learner computes for these tokens (learners.policy.token_logprobs: logits / T;
+    T = 0 is greedy and is read as 1)."""
+    from learners.policy import token_logprobs
+
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    return token_logprobs(logits, ids, temperature)[0, len(prompt_ids) :].tolist()
+
+
+# The engine's log-probs (the behaviour log-probs stored with every token) agree with the
+# learner's at the sampling temperature, T = 0.5 and T = 1.0 as at greedy.
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.5])
+def test_logprobs_equal_the_learners_at_the_sampling_temperature(engines, temperature):
     prompts = [prompt(i, length=5 + i) for i in range(4)]
-    specs = [SamplingSpec(32, temperature=temperature, top_p=top_p, seed=i) for i in range(4)]
+    specs = [SamplingSpec(32, temperature=temperature, seed=i) for i in range(4)]
     got = asyncio.run(gather(engines.vllm, prompts, specs))
     for p, g in zip(prompts, got, strict=True):
         assert len(g.token_ids) == len(g.logprobs) > 0
-        expected = recompute_logprobs(engines.hf.model, p, g.token_ids)
+        expected = learner_logprobs(engines.hf.model, p, g.token_ids, temperature)
         assert max(abs(a - b) for a, b in zip(g.logprobs, expected, strict=True)) < 1e-4
+        if temperature not in (0.0, 1.0):  # and they are not the raw logits' log-probs
+            raw = recompute_logprobs(engines.hf.model, p, g.token_ids)
+            assert max(abs(a - b) for a, b in zip(g.logprobs, raw, strict=True)) > 1e-2
+
+
+def test_top_p_logprobs_are_renormalised_over_the_nucleus(engines):
+    # What the sampler drew from: log_softmax(logits / T) minus log(nucleus mass), so never
+    # below the learner's (which ignores top-p; the config then requires logp_old: recompute).
+    prompts = [prompt(i, length=5 + i) for i in range(4)]
+    specs = [SamplingSpec(32, temperature=0.6, top_p=0.8, seed=i) for i in range(4)]
+    got = asyncio.run(gather(engines.vllm, prompts, specs))
+    above = 0
+    for p, g in zip(prompts, got, strict=True):
+        expected = learner_logprobs(engines.hf.model, p, g.token_ids, 0.6)
+        assert all(a >= b - 1e-4 for a, b in zip(g.logprobs, expected, strict=True))
+        above += sum(a > b + 1e-3 for a, b in zip(g.logprobs, expected, strict=True))
+    assert above > 0
 
 
 def test_seeded_sampling_is_reproducible(engines):

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from spear_ray.envs import make_env
 from spear_ray.envs.registry import known_envs
+from spear_ray.recipe import rollout_spec
 from spear_ray.sandbox.result import ExecResult
 from tests.unit.test_env_textworld import TINY as TEXTWORLD_TINY
 
@@ -203,7 +204,9 @@ def test_the_rollout_worker_penalises_each_invalid_action_by_the_config(penalty)
     expected = -0.1 if penalty is None else penalty
     assert config.env.invalid_action_penalty == expected
     tokenizer = load_tokenizer(ensure_tokenizer())
-    worker = RolloutWorker(config, engine=ScriptedEngine(tokenizer, replies), tokenizer=tokenizer)
+    worker = RolloutWorker(
+        rollout_spec(config), engine=ScriptedEngine(tokenizer, replies), tokenizer=tokenizer
+    )
     try:
         (traj,) = asyncio.run(
             worker.rollout(tasks=[Task(task_id="t", group_id=0, env_seed=5, num_samples=1)])

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from spear_ray.config import SpearConfig
-from spear_ray.config.schema import AlgoConfig
 from spear_ray.containers import RewardParts, Trajectory
-from spear_ray.experience import process_step
+from spear_ray.experience import StepExperience, process_step
+from spear_ray.recipe import Recipe
 
 
 def _traj(
@@ -35,45 +35,65 @@ def _traj(
         rewards=RewardParts(task=task_reward),
         tool_calls=tool_calls,
         invalid_actions=invalid,
+        turn_invalid=[k < invalid for k in range(turns)],
+        turn_texts=["text"] * turns,
         turn_anchors=anchors or [f"s{k}" for k in range(turns)],
         turn_rewards=[0.0] * (turns - 1) + [task_reward],
         failure=failure,
     )
 
 
-def _algo(**overrides) -> AlgoConfig:
-    return SpearConfig.model_validate({"algo": overrides, "env": {"name": "frozenlake"}}).algo
+def _config(algo: dict, max_response_tokens: int = 100) -> SpearConfig:
+    return SpearConfig.model_validate(
+        {
+            "algo": algo,
+            "env": {"name": "frozenlake"},
+            "rollout": {"max_response_tokens": max_response_tokens, "max_tokens_per_turn": 50},
+        }
+    )
+
+
+def _step(trajs, step=0, max_response_tokens=100, **algo) -> StepExperience:
+    """process_step with the recipe of a config whose algo section is `algo`."""
+    recipe = Recipe.from_config(_config(algo, max_response_tokens))
+    return process_step(
+        trajs,
+        step,
+        tool_bonus=recipe.tool_bonus,
+        filters=recipe.filters,
+        advantage=recipe.advantage,
+    )
 
 
 NO_FILTERS = {"filters": {"group_keep_ratio": 1.0}, "tool_reward": {"enabled": False}}
 
 
 def test_tool_bonus_follows_the_decay_schedule():
-    algo = _algo(tool_reward={"decay_steps": 10, "per_call": 0.1, "cap": 1.0})
+    algo = dict(tool_reward={"decay_steps": 10, "per_call": 0.1, "cap": 1.0})
     trajs = [_traj(0, 1.0, tool_calls=3), _traj(0, 0.0, tool_calls=20)]
-    process_step(trajs, step=0, algo=algo, max_response_tokens=100)
+    _step(trajs, 0, **algo)
     assert trajs[0].rewards.tool_bonus == pytest.approx(0.3)
     assert trajs[1].rewards.tool_bonus == pytest.approx(1.0)  # capped
-    process_step(trajs, step=5, algo=algo, max_response_tokens=100)
+    _step(trajs, 5, **algo)
     assert trajs[0].rewards.tool_bonus == pytest.approx(0.3 * (math.cos(math.pi / 2) + 1) / 2)
-    process_step(trajs, step=10, algo=algo, max_response_tokens=100)
+    _step(trajs, 10, **algo)
     assert trajs[0].rewards.tool_bonus == pytest.approx(0.0, abs=1e-12)
 
 
 def test_qwen3_combination_gives_the_indicator_when_the_task_succeeds():
-    algo = _algo(tool_reward={"combine": "qwen3", "decay_steps": 10})
+    algo = dict(tool_reward={"combine": "qwen3", "decay_steps": 10})
     trajs = [_traj(0, 1.0, tool_calls=3), _traj(0, -1.0, tool_calls=3)]
-    process_step(trajs, step=0, algo=algo, max_response_tokens=100)
+    _step(trajs, 0, **algo)
     assert trajs[0].rewards.tool_bonus == pytest.approx(1.0)  # 1[r_tc > 0] * lambda
     assert trajs[1].rewards.tool_bonus == pytest.approx(0.3)  # r_tc * lambda
 
 
 def test_infrastructure_failures_do_not_change_the_others_advantages():
-    algo = _algo(**NO_FILTERS)
+    algo = dict(**NO_FILTERS)
     clean = [_traj(0, 1.0), _traj(0, 0.0), _traj(0, 0.5)]
     with_failure = [*clean, _traj(0, 0.0, failure="sandbox died")]
-    a = process_step(clean, 0, algo, 100)
-    b = process_step(with_failure, 0, algo, 100)
+    a = _step(clean, 0, **algo)
+    b = _step(with_failure, 0, **algo)
     assert b.advantages[:3] == pytest.approx(a.advantages)
     assert b.advantages[3] == 0.0 and b.train_mask == [True, True, True, False]
     assert b.filter_counts["infra_failure"] == 1
@@ -81,7 +101,7 @@ def test_infrastructure_failures_do_not_change_the_others_advantages():
 
 
 def test_drbot_filters_mask_loss_but_keep_group_statistics():
-    algo = _algo(
+    algo = dict(
         filters={"group_keep_ratio": 1.0, "repetition_ngram": 2, "repetition_max_count": 3},
         tool_reward={"enabled": False},
     )
@@ -91,26 +111,57 @@ def test_drbot_filters_mask_loss_but_keep_group_statistics():
         _traj(0, 0.0, gen=[4, 4, 4, 4, 4, 4]),  # 2-gram (4, 4) repeated -> repetitive
         _traj(0, 0.0, turns=1, gen=list(range(10, 120))),  # length >= 100: overlong
     ]
-    exp = process_step(trajs, 0, algo, max_response_tokens=100)
-    assert exp.train_mask == [True, False, False, False]
-    assert exp.filter_counts["void_turn"] == 1
-    assert exp.filter_counts["repetitive"] == 1 and exp.filter_counts["overlong"] == 1
+    exp = _step(trajs, 0, **algo)
+    assert exp.train_mask == [True, False, False, False]  # every turn of them is flagged
+    assert exp.filter_counts["void_turn"] == 2  # turn scope counts turns
+    assert exp.filter_counts["repetitive"] == 2 and exp.filter_counts["overlong"] == 1
     assert exp.group_means.tolist() == pytest.approx([0.25])  # filtered rows still count
     assert sum(exp.advantages) == pytest.approx(0.0)
 
 
-def test_group_filter_keeps_the_highest_std_groups():
-    algo = _algo(filters={"group_keep_ratio": 0.5}, tool_reward={"enabled": False})
+def test_turn_scope_masks_only_the_flagged_turns():
+    # The agent recipe trains each turn as its own row and masks invalid ones: here turn 0 is
+    # void, turn 1 trains. (Before, only an all-invalid trajectory was masked.)
+    trajs = [_traj(0, 1.0, invalid=1), _traj(0, 0.0)]
+    exp = _step(trajs, **NO_FILTERS)
+    assert exp.train_mask == [True, True] and exp.masked_turns == [[0], []]
+    assert exp.filter_counts["void_turn"] == 1
+    batch = exp.train_batch(pad_token_id=0)
+    (s0, e0), (s1, e1) = trajs[0].turn_spans
+    assert batch.loss_mask[0, s0:e0].sum() == 0 and batch.loss_mask[0, s1:e1].sum() == e1 - s1
+
+
+def test_trajectory_scope_masks_a_whole_episode_without_a_final_answer():
+    # The math recipe's row is the whole response: no final answer masks all of it.
+    answered, truncated = _traj(0, 1.0, invalid=1), _traj(0, -1.0)
+    answered.env_info["ended_by"] = "done"
+    truncated.env_info["ended_by"] = "truncated"
+    exp = _step([answered, truncated], filters={"scope": "trajectory", "group_keep_ratio": 1.0})
+    assert exp.train_mask == [True, False] and exp.masked_turns == [[], []]
+    assert exp.filter_counts == {"infra_failure": 0, "groups_too_few_valid": 0, "void_turn": 1}
+
+
+def test_groups_dropped_by_the_group_filter_leave_the_baseline_history():
+    # The reference removes filtered groups from the batch before it records the history.
     trajs = [_traj(0, 1.0), _traj(0, 0.0), _traj(1, 0.5), _traj(1, 0.5)]
-    exp = process_step(trajs, 0, algo, 100)
+    exp = _step(trajs, filters={"group_keep_ratio": 0.5}, tool_reward={"enabled": False})
+    assert exp.group_means.tolist() == [0.5] and exp.group_stds.tolist() == [0.5]
+    kept_all = _step(trajs, **NO_FILTERS)
+    assert kept_all.group_means.tolist() == [0.5, 0.5]
+
+
+def test_group_filter_keeps_the_highest_std_groups():
+    algo = dict(filters={"group_keep_ratio": 0.5}, tool_reward={"enabled": False})
+    trajs = [_traj(0, 1.0), _traj(0, 0.0), _traj(1, 0.5), _traj(1, 0.5)]
+    exp = _step(trajs, 0, **algo)
     assert exp.train_mask == [True, True, False, False]
     assert exp.filter_counts["group_filter"] == 2
 
 
 def test_gigpo_gives_one_advantage_per_turn_and_a_train_batch_takes_them():
-    algo = _algo(advantage={"estimator": "gigpo"}, **NO_FILTERS)
+    algo = dict(advantage={"estimator": "gigpo"}, **NO_FILTERS)
     trajs = [_traj(0, 1.0, turns=3), _traj(0, 0.0, turns=2)]
-    exp = process_step(trajs, 0, algo, 100)
+    exp = _step(trajs, 0, **algo)
     assert [len(a) for a in exp.advantages] == [3, 2]
     batch = exp.train_batch(pad_token_id=0)
     start, end = trajs[0].turn_spans[2]
@@ -118,15 +169,15 @@ def test_gigpo_gives_one_advantage_per_turn_and_a_train_batch_takes_them():
 
 
 def test_a_group_with_too_few_valid_samples_is_dropped_and_the_others_are_unchanged():
-    algo = _algo(filters={"group_keep_ratio": 0.67}, tool_reward={"enabled": False})
+    algo = dict(filters={"group_keep_ratio": 0.67}, tool_reward={"enabled": False})
     kept = [
         *[_traj(0, r) for r in (1.0, 0.0, 0.0)],
         _traj(0, 0.0, failure="timeout: env.step exceeded 120s"),  # 3 valid of 4: kept
         *[_traj(2, r) for r in (1.0, 0.5, 0.5, 0.5)],
     ]
     one_valid = [_traj(1, 5.0), *[_traj(1, 0.0, failure="sandbox died") for _ in range(3)]]
-    a = process_step(list(kept), 0, algo, 100)
-    b = process_step([*kept[:4], *one_valid, *kept[4:]], 0, algo, 100)
+    a = _step(list(kept), 0, **algo)
+    b = _step([*kept[:4], *one_valid, *kept[4:]], 0, **algo)
     # group 1 has 1 valid sample < algo.filters.min_valid_samples = 2: dropped whole
     assert (
         b.filter_counts["groups_too_few_valid"] == 1
@@ -138,28 +189,29 @@ def test_a_group_with_too_few_valid_samples_is_dropped_and_the_others_are_unchan
     assert b.advantages[:4] + b.advantages[8:] == a.advantages
     assert b.train_mask[:4] + b.train_mask[8:] == a.train_mask
     assert a.train_mask == [True, True, True, False, False, False, False, False]
-    # nor is it in the baseline history (its one valid reward 5.0 would raise the mean)
-    assert b.group_means.tolist() == a.group_means.tolist() == pytest.approx([1 / 3, 0.625])
+    # nor is it in the baseline history (its one valid reward 5.0 would raise the mean); nor is
+    # group 2, which the group filter dropped
+    assert b.group_means.tolist() == a.group_means.tolist() == pytest.approx([1 / 3])
 
 
 def test_min_valid_samples_is_configurable_and_capped_by_the_group_size():
     trajs = [_traj(0, 1.0), _traj(0, 0.0), _traj(0, 0.5, failure="sandbox died"), _traj(1, 1.0)]
-    strict_algo = _algo(
+    strict_algo = dict(
         filters={"group_keep_ratio": 1.0, "min_valid_samples": 3}, tool_reward={"enabled": False}
     )
-    strict = process_step(list(trajs), 0, strict_algo, 100)
+    strict = _step(list(trajs), 0, **strict_algo)
     # group 0: 2 valid < 3, dropped; group 1 has one sample (a group of size 1 cannot have 3):
     # it is kept, as a group of one always was (its advantage is 0: no one to compare with)
     assert strict.filter_counts["groups_too_few_valid"] == 1
     assert strict.train_mask == [False, False, False, True]
     assert strict.group_means.tolist() == pytest.approx([1.0])
-    lenient = process_step(list(trajs), 0, _algo(**NO_FILTERS), 100)
+    lenient = _step(list(trajs), 0, **NO_FILTERS)
     assert lenient.filter_counts["groups_too_few_valid"] == 0
     assert lenient.train_mask == [True, True, False, True]
 
 
 def test_a_step_with_no_trajectories_gives_an_empty_batch():
-    exp = process_step([], 0, _algo(), 100)
+    exp = _step([], 0)
     assert exp.train_batch(pad_token_id=0).rows == 0 and exp.group_means.numel() == 0
 
 
@@ -205,20 +257,12 @@ def test_a_step_without_one_valid_row_skips_the_update_and_counts_it(trajectorie
     counts = {"worker_restarts": 1, "groups_reissued": 0, "groups_dropped": 4, "samples_dropped": 8}
     learners = _FakeLearners()
     synced = []
-    ctl = SimpleNamespace(
-        config=config,
-        pad_token_id=0,
-        buffer=None,
-        learners=learners,
-        rollouts=SimpleNamespace(update_weights=lambda w, v: synced.append((w, v))),
-        guard=NonFiniteGuard(3),
-        weight_version=0,
-        _pending=SimpleNamespace(all=lambda: list(trajectories), counts=counts, wall_seconds=2.0),
-    )
-    ctl._collect_rollout = lambda t: Controller._collect_rollout(ctl, t)
-    ctl._tool_lambda = lambda t: Controller._tool_lambda(ctl, t)
-    ctl._step = lambda t: Controller._step(ctl, t)
-    metrics = Controller.step(ctl, 0)
+    ctl = Controller.__new__(Controller)  # the real step on fake actor groups
+    ctl.config, ctl.recipe, ctl.pad_token_id = config, Recipe.from_config(config), 0
+    ctl.buffer, ctl.learners, ctl.guard, ctl.weight_version = None, learners, NonFiniteGuard(3), 0
+    ctl.rollouts = SimpleNamespace(update_weights=lambda w, v: synced.append((w, v)))
+    ctl._pending = SimpleNamespace(all=lambda: list(trajectories), counts=counts, wall_seconds=2.0)
+    metrics = ctl.step(0)
     usable = any(t.is_valid for t in trajectories)
     assert learners.calls == (
         ["recompute_old_logprobs", f"update:on_policy:{len(trajectories)}"] if usable else []
@@ -233,7 +277,7 @@ def test_evaluation_with_only_infrastructure_failures_measures_nothing():
     """All-failed evaluations are NaN (logged as null), never a success rate of 0."""
     import math
 
-    from spear_ray.evaluate import evaluation_metrics
+    from spear_ray.evaluation import evaluation_metrics
 
     failed = [_traj(k, 0.0, failure="RuntimeError: boom") for k in range(3)]
     metrics = evaluation_metrics(failed)

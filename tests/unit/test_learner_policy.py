@@ -4,6 +4,7 @@ the micro-batch (and rank-shard) losses and gradients gives exactly the mini-bat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learners.policy import (
-    LossSettings,
     micro_batch_loss,
     micro_batches,
+    mini_batch_divisors,
+    num_mini_batches,
     pack_micro_batches,
     rank_rows,
     split_sizes,
@@ -23,9 +25,10 @@ from learners.policy import (
     trim_padding,
 )
 from spear_ray.algo.losses import LOSS_AGGREGATIONS, loss_divisors
-from spear_ray.config.schema import CovConfig, PolicyLossConfig
+from spear_ray.config import load_config
 from spear_ray.containers import TrainBatch
 from spear_ray.models.tiny import ModelSize, random_llama
+from spear_ray.recipe import Recipe
 
 F64 = torch.float64
 VOCAB = 23
@@ -156,12 +159,15 @@ def test_rank_rows_split_every_global_mini_batch_across_ranks(rows, ranks, minis
 
 
 def _settings(aggregation: str, cov_mode: str = "none", entropy_coef: float = 0.01):
-    cfg = PolicyLossConfig(
-        aggregation=aggregation,
-        entropy_coef=entropy_coef,
-        on_policy_cov=CovConfig(mode=cov_mode),
+    config = load_config(
+        None,
+        [
+            f"algo.policy_loss.aggregation={aggregation}",
+            f"algo.policy_loss.entropy_coef={entropy_coef}",
+            f"algo.policy_loss.on_policy_cov.mode={cov_mode}",
+        ],
     )
-    return LossSettings.from_config(cfg, phase="on_policy", norm_length=32)
+    return dataclasses.replace(Recipe.from_config(config).on_policy_loss, norm_length=32)
 
 
 def _loss_and_grads(model, pieces, settings, divisors, scale=1.0):
@@ -225,7 +231,7 @@ def test_micro_batch_loss_matches_the_algo_functions_and_reports_token_sums():
         logp = token_logprobs(logits, batch.input_ids)
         mask = batch.loss_mask.bool()
         ref = compute_policy_loss(
-            "none", logp, batch.old_logprobs, batch.advantages, mask, **settings.loss_kwargs
+            "none", logp, batch.old_logprobs, batch.advantages, mask, **settings.loss_kwargs()
         )
         pg = aggregate_loss(ref.per_token_loss, mask, "token-mean")
         ent = entropy_loss(token_entropy(logits), mask, "token-mean", coef=0.05)
@@ -238,12 +244,78 @@ def test_micro_batch_loss_matches_the_algo_functions_and_reports_token_sums():
     )
 
 
-def test_loss_settings_pick_the_phase_cov_config():
-    cfg = PolicyLossConfig()
-    on = LossSettings.from_config(cfg, phase="on_policy", norm_length=512)
-    replay = LossSettings.from_config(cfg, phase="replay", norm_length=512)
-    assert on.loss_kwargs["cov_ratio"] == cfg.on_policy_cov.ratio
-    assert replay.loss_kwargs["cov_ratio"] == 0.02 and replay.loss_kwargs["cov_ub"] == 60
-    assert on.norm_length == 512 and on.aggregation == "seq-mean-token-sum-norm"
+def test_recipe_gives_each_phase_its_cov_constants():
+    recipe = Recipe.from_config(load_config(None))
+    on, replay = recipe.on_policy_loss, recipe.replay_loss
+    assert on.cov_ratio == 0.0002 and (on.cov_lb, on.cov_ub) == (1.0, 5.0)
+    assert replay.cov_ratio == 0.02 and (replay.cov_lb, replay.cov_ub) == (2.0, 60.0)
+    assert on.norm_length == 8192 and on.aggregation == "seq-mean-token-sum-norm"
+    assert recipe.learner.loss("replay") is replay
     with pytest.raises(ValueError, match="phase"):
-        LossSettings.from_config(cfg, phase="offline", norm_length=1)
+        recipe.learner.loss("offline")
+
+
+# ----------------------------------------------------------------------------- replay weight
+
+
+@pytest.mark.parametrize("aggregation", LOSS_AGGREGATIONS)
+def test_a_replayed_row_weighs_what_an_on_policy_row_weighs(aggregation):
+    """The replay update divides by the on-policy mini-batch size M, not by its own rows: the
+    gradient of 2 replayed rows in a 2-row replay mini-batch equals their share of an 8-row
+    on-policy mini-batch (the reference scales replay micro-batches by the on-policy gradient
+    accumulation count). Before, a replay of 2 rows was normalised by 2 and weighed 4x."""
+    model = tiny_model()
+    lengths = [5, 11, 3, 8, 6, 10, 4, 7]
+    batch = make_batch(6, lengths)
+    settings = _settings(aggregation, entropy_coef=0.0)
+    m = batch.rows  # the on-policy mini-batch size M
+
+    def grads_of(rows):
+        part = batch.select(rows)
+        tokens = float(part.loss_mask.sum())
+        divisors = mini_batch_divisors(float(part.rows), tokens, m)
+        _, grads = _loss_and_grads(model, [part], settings, divisors)
+        return grads
+
+    if aggregation == "token-mean":
+        # token-mean weighs tokens, not rows: the replay's tokens weigh as in an on-policy
+        # mini-batch with the same tokens per row; compare with that mini-batch scaled by R/M
+        whole = _loss_and_grads(
+            model, [batch.select([0, 1])], settings, loss_divisors(batch.select([0, 1]).loss_mask)
+        )[1]
+        expected = [g * 2 / m for g in whole]
+    else:
+        rest = [2, 3, 4, 5, 6, 7]
+        full = _loss_and_grads(model, [batch], settings, mini_batch_divisors(8.0, 1.0, m))[1]
+        others = _loss_and_grads(
+            model, [batch.select(rest)], settings, mini_batch_divisors(8.0, 1.0, m)
+        )[1]
+        expected = [f - o for f, o in zip(full, others, strict=True)]  # rows 0, 1's share
+    for a, b in zip(grads_of([0, 1]), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_replay_batches_are_cut_into_on_policy_sized_mini_batches():
+    assert num_mini_batches(32, 8) == 4  # the on-policy batch: mini_batches_per_step
+    assert num_mini_batches(4, 8) == 1  # a small replay: one step, scaled by 4 / 8
+    assert num_mini_batches(20, 8) == 3
+    assert num_mini_batches(0, 8) == 1
+
+
+# ----------------------------------------------------------------------------- temperature
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_log_probs_are_those_of_the_tempered_distribution(temperature):
+    model = tiny_model()
+    batch = make_batch(7, [6, 9])
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits
+    logp = token_logprobs(logits, batch.input_ids, temperature)
+    for b in range(batch.rows):
+        for i in range(1, int(batch.attention_mask[b].sum())):
+            expected = torch.log_softmax(logits[b, i - 1] / temperature, -1)[batch.input_ids[b, i]]
+            assert logp[b, i].item() == pytest.approx(expected.item(), abs=1e-12)
+    entropy = token_entropy(logits, temperature)
+    p = torch.softmax(logits[0, 2] / temperature, -1)
+    assert entropy[0, 3].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-10)
