@@ -1,5 +1,5 @@
-"""The SPEAR replay buffer (SPEAR.md §3-§4): `ReplayBuffer` is a plain class; the Ray actor is
-spawned by `buffers.actor.spawn_replay_buffer` (imported from there, so `import buffers` stays
+"""The SPEAR replay buffer (docs/algorithm.md §3-§4): `ReplayBuffer` is a plain class; the Ray actor
+is spawned by `buffers.actor.spawn_replay_buffer` (imported from there, so `import buffers` stays
 free of Ray)."""
 
 from buffers.replay_buffer import (

@@ -1,5 +1,5 @@
-"""The SPEAR replay buffer (SPEAR.md §3-§4, step order §8): a plain class, wrapped in a Ray actor
-by `buffers.actor.spawn_replay_buffer`.
+"""The SPEAR replay buffer (docs/algorithm.md §3-§4, step order §8): a plain class, wrapped in a Ray
+actor by `buffers.actor.spawn_replay_buffer`.
 
 One training step talks to it twice, each call carrying the step number:
 

@@ -64,7 +64,7 @@ from spear_ray.recipe import LearnerSpec, PhaseLoss
 # are global. Within a rank every metric is a mean over the optimizer steps that were applied.
 METRIC_REDUCTIONS: dict[str, str] = {
     "loss": "sum",  # loss_weight * (pg_loss + entropy term): what was backpropagated
-    "pg_loss": "sum",  # the aggregated clipped policy loss (SPEAR.md §1), unweighted
+    "pg_loss": "sum",  # the aggregated clipped policy loss (docs/algorithm.md §1), unweighted
     "entropy": "sum",  # token-mean entropy of the policy on loss tokens
     "clip_frac": "sum",  # fraction of loss tokens where PPO's clipped branch was taken
     "dual_clip_frac": "sum",  # ... where the dual clip (A < 0) was taken

@@ -10,9 +10,9 @@ most one bucket is held at once besides the engine's own weights:
     weights = BucketedWeights(refs)                               # picklable, holds only refs
     await engine.update_weights(weights, version)                 # iterates (name, tensor)
 
-GPU path (NOT RUN HERE: this machine has no GPU; see the bottom of this file): learner rank 0
-and every vLLM worker join one NCCL group and rank 0 broadcasts the same flat buckets GPU to GPU,
-so no weight byte goes through host memory or the object store.
+The same path serves GPU clusters (the bytes go through host memory and the object store). A
+direct NCCL broadcast from learner rank 0 to the vLLM workers is not implemented: the GPU issue
+decides it, with a machine to measure it on.
 """
 
 from __future__ import annotations
@@ -140,77 +140,12 @@ class BucketedWeights:
         return f"BucketedWeights({len(self.refs)} buckets)"
 
 
-# --------------------------------------------------------------------------- GPU: NCCL
-#
-# NOT RUN HERE: there is no GPU on the machines this project is developed on. This follows the
-# pattern of vLLM's RLHF example (examples/offline_inference/rlhf*.py) and OpenRLHF/verl: learner
-# rank 0 (rank 0 of the group) and the N vLLM workers (ranks 1..N) open a stateless NCCL group
-# next to their own process groups; per update, the metadata goes by Ray and the bytes by NCCL.
-#
-#   learner rank 0:  sync = NcclWeightSender(master_addr, port, world_size=1 + N)
-#                    for specs in sync.broadcast(state_dict): <send specs to workers by Ray>
-#   vLLM workers:    weights = nccl_receive(communicator, specs)   # -> model.load_weights(...)
-#
-# The caller must interleave them: each bucket's specs reach the workers (a Ray call that makes
-# them start `nccl_receive`) before or while rank 0 broadcasts that bucket.
-
-
-class NcclWeightSender:
-    """Learner rank 0's end of the NCCL weight broadcast (GPU only; not run here)."""
-
-    def __init__(self, master_addr: str, master_port: int, world_size: int):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        group = StatelessProcessGroup.create(
-            host=master_addr, port=master_port, rank=0, world_size=world_size
-        )
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self.communicator = PyNcclCommunicator(group, device=self.device)
-
-    def broadcast(
-        self, state_dict: Mapping[str, Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    ) -> Iterator[list[TensorSpec]]:
-        """Yield each bucket's specs, then broadcast its bytes (GPU to GPU)."""
-        for specs in plan_buckets(state_dict.items(), bucket_bytes):
-            yield specs
-            buffer = torch.empty(bucket_size(specs), dtype=torch.uint8, device=self.device)
-            for spec in specs:
-                flat = state_dict[spec.name].detach().to(self.device).contiguous()
-                buffer[spec.offset : spec.offset + spec.nbytes].copy_(
-                    flat.view(-1).view(torch.uint8)
-                )
-            self.communicator.broadcast(buffer, src=0, stream=torch.cuda.current_stream())
-            torch.cuda.current_stream().synchronize()
-
-
-def nccl_receive(communicator: Any, specs: list[TensorSpec]) -> list[tuple[str, Tensor]]:
-    """A vLLM worker's end: receive one bucket into GPU memory and split it (not run here).
-
-    `communicator` is the PyNcclCommunicator the worker built with the same StatelessProcessGroup
-    address at rank 1..N. The returned tensors view one buffer; pass them straight to
-    `model_runner.model.load_weights(...)`.
-    """
-    buffer = torch.empty(bucket_size(specs), dtype=torch.uint8, device=communicator.device)
-    communicator.broadcast(buffer, src=0, stream=torch.cuda.current_stream())
-    torch.cuda.current_stream().synchronize()
-    return [
-        (
-            s.name,
-            buffer[s.offset : s.offset + s.nbytes].view(getattr(torch, s.dtype)).reshape(s.shape),
-        )
-        for s in specs
-    ]
-
-
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "BucketedWeights",
-    "NcclWeightSender",
     "TensorSpec",
     "bucket_size",
     "iter_buckets",
-    "nccl_receive",
     "pack_bucket",
     "plan_buckets",
     "put_weights",

@@ -22,7 +22,7 @@ import torch
 
 @dataclass
 class RewardParts:
-    """The parts a trajectory's score is made of (SPEAR.md §6; §2 for the penalty)."""
+    """The parts a trajectory's score is made of (docs/algorithm.md §6; §2 for the penalty)."""
 
     task: float = 0.0  # the environment's own reward (e.g. +1 solved / -1 wrong)
     invalid_penalty: float = 0.0  # sum of per-invalid-action penalties (<= 0)

@@ -21,9 +21,11 @@ TINY_RUN: dict[str, str] = {
     "learner.tokens_per_micro_batch": "1024",
     "resources.cpus_per_learner": "0.5",
     "resources.cpus_per_rollout_worker": "0.5",
-    # a random model's turns are all invalid/unreadable: keep them trainable
+    # a random model's turns are all invalid/unreadable and use every token they may: keep them
+    # trainable
     "algo.filters.void_turn": "false",
     "algo.filters.unreadable": "false",
+    "algo.filters.overlong": "false",
     "algo.filters.group_keep_ratio": "1.0",
     "buffer.size": "2",
     "run.eval_every_steps": "0",

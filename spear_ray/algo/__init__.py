@@ -1,4 +1,4 @@
-"""Pure algorithm math of SPEAR (see SPEAR.md): tensors in, tensors out.
+"""Pure algorithm math of SPEAR (see docs/algorithm.md): tensors in, tensors out.
 
 No Ray, no IO, no config objects: every constant is an explicit argument, and each variant the
 config can name is an entry of a registry dict keyed by the config's literal:
@@ -12,7 +12,7 @@ config can name is an entry of a registry dict keyed by the config's literal:
     SIL_WEIGHT_SCHEDULES     "cosine", "constant"                              curriculum.py
     RECALIBRATIONS           "baseline", "weight"                              replay.py
 
-Where each rule of SPEAR.md lives:
+Where each rule of docs/algorithm.md lives:
 
     §1 PPO-clip, clip-higher, dual clip,      losses.ppo_clip_loss (log-ratio clamp inside)
        log-ratio clamp
@@ -20,8 +20,8 @@ Where each rule of SPEAR.md lives:
     §1 GiGPO (episode + anchor-state step)    advantages.gigpo_advantages, discounted_step_returns
     §1 aggregation modes                      losses.aggregate_loss, loss_divisors
     §1 entropy bonus                          losses.entropy_from_logits, entropy_loss
-    §2 void turn / overlong / repetition /    filters.void_turn_keep, overlong_keep,
-       unreadable                             repetition_keep (has_repeated_ngram), unreadable_keep
+    §2 void turn / overlong / repetition /    filters.drbot_reasons (has_repeated_ngram,
+       unreadable                             is_unreadable)
     §2 group reward-std filter                filters.group_filter_keep (num_groups_kept)
     §3 admission (mean token adv > 0)         replay.admission_keep
     §3 staleness                              replay.stale_keep

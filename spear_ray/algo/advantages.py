@@ -1,4 +1,4 @@
-"""Group-relative advantage estimators: GRPO and GiGPO (SPEAR.md §1).
+"""Group-relative advantage estimators: GRPO and GiGPO (docs/algorithm.md §1).
 
 No critic: a trajectory's advantage is its reward minus the mean reward of its group (the G
 samples of one prompt), optionally divided by the group std. GiGPO adds a step-level term
@@ -7,7 +7,7 @@ observation.
 
 Conventions shared by every function here:
 - `valid` marks samples whose episode ran to completion. An invalid sample (an environment or
-  sandbox failure, DESIGN.md "Contracts") is excluded from its group's mean and std and gets
+  sandbox failure, `Trajectory.failure`) is excluded from its group's mean and std and gets
   advantage 0: a failure is never a zero reward.
 - A group with fewer than two valid members gets advantage 0 (there is no baseline to compare
   against). verl instead uses mean 0 / std 1 for a singleton, which hands the raw reward back as
@@ -101,7 +101,8 @@ def grpo_advantages(
     norm_by_std: bool = False,
     epsilon: float = 1e-6,
 ) -> Tensor:
-    """GRPO outcome advantage (SPEAR.md §1): A_i = R_i - mean_group(R) [/ (std_group + eps)].
+    """GRPO outcome advantage (docs/algorithm.md §1): A_i = R_i - mean_group(R) [/ (std_group +
+    eps)].
 
     Args:
         rewards: [N] float trajectory rewards.
@@ -171,7 +172,7 @@ def gigpo_advantages(
     gamma: float = 0.95,
     step_weight: float = 1.0,
 ) -> Tensor:
-    """GiGPO (SPEAR.md §1): episode GRPO advantage + step_weight * step-level advantage.
+    """GiGPO (docs/algorithm.md §1): episode GRPO advantage + step_weight * step-level advantage.
 
     The episode term is GRPO over trajectories (one reward per trajectory). The step term is GRPO
     over anchor-state groups where each step's value is its discounted return within its

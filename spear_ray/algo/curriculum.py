@@ -1,5 +1,5 @@
-"""SPEAR's curriculum (SPEAR.md §5, §6): an intrinsic tool-call reward that fades out while the
-SIL loss weight fades in. Early on the agent is paid to explore tools; later it imitates its own
+"""SPEAR's curriculum (docs/algorithm.md §5, §6): an intrinsic tool-call reward that fades out while
+the SIL loss weight fades in. Early on the agent is paid to explore tools; later it imitates its own
 best trajectories.
 
 Every function takes plain numbers or tensors (vectorised elementwise). Step arguments are the
@@ -100,7 +100,7 @@ def shaped_score(
     per_call: float = 0.1,
     cap: float = 1.0,
 ) -> Num:
-    """The trained score: task reward plus the scheduled tool-call bonus (SPEAR.md §6)."""
+    """The trained score: task reward plus the scheduled tool-call bonus (docs/algorithm.md §6)."""
     lam = _lookup(TOOL_REWARD_SCHEDULES, schedule, "tool-reward schedule")(step, total_steps)
     r_tc = tool_call_reward(n_tool_calls, per_call=per_call, cap=cap)
     combine = _lookup(TOOL_REWARD_COMBINATIONS, combination, "tool-reward combination")
@@ -134,7 +134,7 @@ SIL_WEIGHT_SCHEDULES: dict[str, Callable[[float, float, float], float]] = {
 def sil_weight(
     step: float, *, total_steps: float = 200, coef: float = 1.0, schedule: str = "cosine"
 ) -> float:
-    """The weight of the replay (SIL) loss at this step (SPEAR.md §5)."""
+    """The weight of the replay (SIL) loss at this step (docs/algorithm.md §5)."""
     return _lookup(SIL_WEIGHT_SCHEDULES, schedule, "SIL weight schedule")(step, total_steps, coef)
 
 

@@ -1,4 +1,5 @@
-"""Policy losses and loss aggregation (SPEAR.md §1 PPO-clip, §5 SIL loss, §7 Clip-Cov / KL-Cov).
+"""Policy losses and loss aggregation (docs/algorithm.md §1 PPO-clip, §5 SIL loss, §7 Clip-Cov /
+KL-Cov).
 
 Three per-token policy losses share one signature and are picked by the config's covariance
 mode through `POLICY_LOSSES`:
@@ -7,8 +8,8 @@ mode through `POLICY_LOSSES`:
 - "clip-cov": PPO-clip, then a few random high-covariance tokens lose their gradient.
 - "kl-cov":   PPO-clip, except the top covariance tokens get -A*r + kl_coef*|log r|.
 
-The same functions serve the on-policy update and the SIL replay update (SPEAR.md §5); replay
-passes the stored behaviour log-probs as `logp_old` and its own Clip-Cov constants.
+The same functions serve the on-policy update and the SIL replay update (docs/algorithm.md §5);
+replay passes the stored behaviour log-probs as `logp_old` and its own Clip-Cov constants.
 
 Per-token losses are reduced by `aggregate_loss`, whose divisors are explicit arguments (see
 there): with the whole mini-batch's counts, summing micro-batch losses gives exactly the
@@ -121,7 +122,8 @@ def _output(
 
 
 def token_covariance(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
-    """cov_i = (A_i - mean A) * (logp_i - mean logp), means over valid tokens (SPEAR.md §7).
+    """cov_i = (A_i - mean A) * (logp_i - mean logp), means over valid tokens (docs/algorithm.md
+    §7).
 
     Detached: it only chooses tokens. 0 outside the mask.
     """
@@ -199,8 +201,8 @@ def ppo_clip_loss(
     kl_coef: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> PolicyLossOutput:
-    """PPO-clip per token (SPEAR.md §1): max(-A*r, -A*clip(r, 1-clip_low, 1+clip_high)), with
-    r = exp(clamp(logp - logp_old, +-log_ratio_clamp)); if dual_clip = c (> 1) is given, tokens
+    """PPO-clip per token (docs/algorithm.md §1): max(-A*r, -A*clip(r, 1-clip_low, 1+clip_high)),
+    with r = exp(clamp(logp - logp_old, +-log_ratio_clamp)); if dual_clip = c (> 1) is given, tokens
     with A < 0 are further capped at -A*c. cov_* / kl_coef / generator are unused here (the
     signature is shared by every entry of POLICY_LOSSES).
     """
@@ -229,8 +231,8 @@ def clip_cov_loss(
     kl_coef: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> PolicyLossOutput:
-    """Clip-Cov (SPEAR.md §7): PPO-clip without dual clip; among valid tokens that PPO did not
-    clip, k random tokens with cov_lb < cov < cov_ub get loss 0 (no gradient).
+    """Clip-Cov (docs/algorithm.md §7): PPO-clip without dual clip; among valid tokens that PPO did
+    not clip, k random tokens with cov_lb < cov < cov_ub get loss 0 (no gradient).
 
     dual_clip and kl_coef are ignored: the reference applies no dual clip in this mode. The
     selection uses this call's tokens (k and the covariance means are per call, as in verl),
@@ -271,7 +273,7 @@ def kl_cov_loss(
     kl_coef: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> PolicyLossOutput:
-    """KL-Cov (SPEAR.md §7; arXiv 2505.22617 eq. for L_KL-Cov): every valid token gets the
+    """KL-Cov (docs/algorithm.md §7; arXiv 2505.22617 eq. for L_KL-Cov): every valid token gets the
     unclipped -A*r, and the top-k covariance tokens (k = max(floor(cov_ratio * n_valid), 1)) get
     -A*r + kl_coef*|logp - logp_old|. No PPO clip and no dual clip in this mode: the KL penalty on
     the high-covariance tokens is what keeps the policy near the old one (as in the paper's and
@@ -412,7 +414,7 @@ def aggregate_loss(
     num_sequences: float | None = None,
     norm_length: float | None = None,
 ) -> Tensor:
-    """Reduce a [B, T] per-token loss to a scalar (SPEAR.md §1 "Aggregation").
+    """Reduce a [B, T] per-token loss to a scalar (docs/algorithm.md §1 "Aggregation").
 
     token-mean:               sum(loss*mask) / num_tokens
     seq-mean-token-mean:      sum_i mean_t(loss_i*mask_i) / num_sequences
@@ -456,7 +458,8 @@ def entropy_loss(
     norm_length: float | None = None,
 ) -> Tensor:
     """The entropy bonus as a term to ADD to the loss: -coef * aggregate(entropy), aggregated
-    with the same mode and divisors as the policy loss (SPEAR.md §1: coef 0.001 agents, 0 math).
+    with the same mode and divisors as the policy loss (docs/algorithm.md §1: coef 0.001 agents, 0
+    math).
     """
     if coef == 0:
         return entropy.new_zeros(())

@@ -1,4 +1,4 @@
-"""Replay-buffer math of SPEAR's self-imitation half (SPEAR.md §3, §4).
+"""Replay-buffer math of SPEAR's self-imitation half (docs/algorithm.md §3, §4).
 
 The buffer actor (buffers/) owns the state; these are the pure decisions it makes:
 admission -> staleness -> baseline statistics -> trigger -> recalibration -> non-negative
@@ -47,7 +47,7 @@ def admission_keep(
     require_tool_call: bool = False,
 ) -> Tensor:
     """A sample enters the buffer when its mean token advantage over the loss mask is > 0
-    (SPEAR.md §3); with require_tool_call (math recipe) it also needs >= 1 tool call.
+    (docs/algorithm.md §3); with require_tool_call (math recipe) it also needs >= 1 tool call.
     A sample whose mask is empty (filtered) is never admitted. Returns [B] bool.
     """
     keep = _row_mean(token_advantages, mask) > 0  # NaN > 0 is False
@@ -61,7 +61,7 @@ def admission_keep(
 def stale_keep(
     collected_steps: Tensor | Sequence[int], current_step: int, tolerate_steps: int
 ) -> Tensor:
-    """An entry is kept iff current_step - collected_step <= tolerate_steps (SPEAR.md §3).
+    """An entry is kept iff current_step - collected_step <= tolerate_steps (docs/algorithm.md §3).
 
     The boundary is inclusive: an entry exactly tolerate_steps old survives, matching the
     reference's `abs(step - step_latest) <= tolerate_steps`. The reference measures age from
@@ -127,7 +127,7 @@ def replay_triggered(
     trigger_factor: float = 1.5,
 ) -> bool:
     """Replay fires when more than trigger_factor * buffer_size stored samples beat P50 of the
-    historical group means (SPEAR.md §3). With no history there is no baseline: no replay.
+    historical group means (docs/algorithm.md §3). With no history there is no baseline: no replay.
     """
     if _numpy(hist_group_means).size == 0:
         return False
@@ -247,7 +247,7 @@ def replay_subset_size(n: int, buffer_size: int) -> int:
 
     Powers of two split evenly into micro-batches and ranks. (The reference returns 0 for n == 1
     too; here one sample gives 1, and the caller skips a replay batch smaller than the number
-    of learners anyway, SPEAR.md §3.)
+    of learners anyway, docs/algorithm.md §3.)
     """
     if n < 0 or buffer_size < 0:
         raise ValueError(f"n and buffer_size must be >= 0, got {n}, {buffer_size}")

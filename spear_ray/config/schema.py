@@ -1,11 +1,12 @@
 """The configuration schema: one frozen pydantic model per component.
 
-Every constant of SPEAR.md is a field here with the released default (the ALFWorld/WebShop agent
-recipe of SPEAR.md §9 unless noted) and a one-line description. Derived sizes are properties,
-never stored twice. Cross-field rules are validators whose message names the field and the fix.
+Every constant of docs/algorithm.md is a field here with the released default (the ALFWorld/WebShop
+agent recipe of docs/algorithm.md §9 unless noted) and a one-line description. Derived sizes are
+properties, never stored twice. Cross-field rules are validators whose message names the field and
+the fix.
 
 Units: a "sample" or "row" is one whole trajectory (token-in-token-out), so buffer sizes count
-trajectories (SPEAR.md §3, "What a sample is"; per-turn rows are not implemented).
+trajectories (docs/algorithm.md §3 "Unit"; per-turn rows are not implemented).
 """
 
 from __future__ import annotations
@@ -168,7 +169,9 @@ class EnvConfig(Section):
     )
     eval_tasks: int = Field(64, ge=1, description="Number of held-out tasks per evaluation.")
     invalid_action_penalty: float = Field(
-        -0.1, le=0.0, description="Reward added per invalid action (SPEAR.md §2 agent envs)."
+        -0.1,
+        le=0.0,
+        description="Reward added per invalid action (docs/algorithm.md §2, agent envs).",
     )
 
     @model_validator(mode="after")
@@ -200,7 +203,7 @@ class EnvConfig(Section):
 
 class AdvantageConfig(Section):
     estimator: Literal["grpo", "gigpo"] = Field(
-        "grpo", description="Group-relative advantage estimator (SPEAR.md §1)."
+        "grpo", description="Group-relative advantage estimator (docs/algorithm.md §1)."
     )
     norm_by_std: bool = Field(
         False,
@@ -224,7 +227,7 @@ class AdvantageConfig(Section):
 
 
 class CovConfig(Section):
-    """Covariance-based token selection (SPEAR.md §7)."""
+    """Covariance-based token selection (docs/algorithm.md §7)."""
 
     mode: Literal["none", "clip-cov", "kl-cov"] = Field(
         "clip-cov", description="none, Clip-Cov (drop selected tokens' gradient) or KL-Cov."
@@ -332,7 +335,7 @@ class FilterConfig(Section):
 
 
 class ToolRewardConfig(Section):
-    """Intrinsic tool-call reward and its decay (SPEAR.md §6)."""
+    """Intrinsic tool-call reward and its decay (docs/algorithm.md §6)."""
 
     enabled: bool = Field(True, description="Add the tool-call bonus r_tc * lambda(t) to scores.")
     per_call: float = Field(0.1, ge=0, description="r_tc per tool call.")
@@ -349,7 +352,7 @@ class ToolRewardConfig(Section):
 
 
 class SilConfig(Section):
-    """Self-imitation (replay) loss weight and its ramp (SPEAR.md §5)."""
+    """Self-imitation (replay) loss weight and its ramp (docs/algorithm.md §5)."""
 
     enabled: bool = Field(True, description="Run the SPEAR replay update (false = no SIL).")
     coef: float = Field(1.0, ge=0, description="Final SIL loss weight.")
@@ -375,7 +378,7 @@ class AlgoConfig(Section):
 
 
 class BufferConfig(Section):
-    """The SPEAR replay buffer (SPEAR.md §3-§4)."""
+    """The SPEAR replay buffer (docs/algorithm.md §3-§4)."""
 
     row_unit: Literal["trajectory"] = Field(
         "trajectory",

@@ -1,4 +1,4 @@
-"""The multi-turn text environment contract (DESIGN.md "Contracts").
+"""The multi-turn text environment contract.
 
 An environment is a plain Python object with three methods:
 
@@ -26,8 +26,8 @@ class EnvInfo:
 
     success: bool = False
     invalid_action: bool = False
-    # True when the step counts toward the tool-call reward r_tc (SPEAR.md §6): a run of the
-    # Python interpreter in python_math; every valid env step in the agent envs.
+    # True when the step counts toward the tool-call reward r_tc (docs/algorithm.md §6): a run
+    # of the Python interpreter in python_math; every env step in the agent envs.
     tool_call: bool = False
     # Anchor state for GiGPO: identical observations within a group share this key.
     anchor: str | None = None

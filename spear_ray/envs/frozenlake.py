@@ -195,7 +195,8 @@ class FrozenLakeEnv(StopAtActionTag):
         info = EnvInfo(
             success=success,
             invalid_action=move is None,
-            tool_call=move is not None,  # agent envs: every valid env step counts toward r_tc
+            tool_call=True,  # agent envs: every env step counts toward r_tc (the reference counts
+            # episode_lengths, invalid steps too; each of those also pays the -0.1 penalty)
             anchor=grid,
             truncated=truncated,
             extra={"turn": self.turns, "action": action, "fell": fell},

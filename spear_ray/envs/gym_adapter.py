@@ -204,7 +204,7 @@ class GymTextEnv(StopAtActionTag):
             success = False
         info = EnvInfo(
             success=success,
-            tool_call=True,  # agent envs: every valid env step counts toward r_tc (SPEAR.md §6)
+            tool_call=True,  # agent envs: every env step counts toward r_tc (docs/algorithm.md §6)
             anchor=text,
             truncated=bool(env_truncated or limit) and not terminated,
             extra={"turn": self.turns, "action": extracted, "env_info": dict(env_info)},

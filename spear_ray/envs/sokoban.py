@@ -292,7 +292,8 @@ class SokobanEnv(StopAtActionTag):
         info = EnvInfo(
             success=solved,
             invalid_action=moves is None,
-            tool_call=moves is not None,  # agent envs: every valid env step counts toward r_tc
+            tool_call=True,  # agent envs: every env step counts toward r_tc (the reference counts
+            # episode_lengths, invalid steps too; each of those also pays the -0.1 penalty)
             anchor=grid,
             truncated=truncated,
             extra={"turn": self.turns, "action": action},

@@ -375,7 +375,8 @@ class TextWorldEnv(StopAtActionTag):
         info = EnvInfo(
             success=won,
             invalid_action=invalid,
-            tool_call=not invalid,  # agent envs: every valid env step counts toward r_tc
+            tool_call=True,  # agent envs: every env step counts toward r_tc (the reference counts
+            # episode_lengths, invalid steps too; each of those also pays the -0.1 penalty)
             anchor=self._anchor(),
             truncated=truncated,
             extra={"turn": self.turns, "action": command, "lost": lost},

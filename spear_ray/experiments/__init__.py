@@ -3,7 +3,7 @@
     spear-ray experiment SPEC.yaml        # run (or resume) the grid, then write the summary
 
 - `variants.py`: the table of variants (GRPO, Dr.BoT, SPEAR and its ablations, GiGPO), each a
-  set of config values mapped to SPEAR.md;
+  set of config values mapped to docs/algorithm.md;
 - `spec.py`: SPEC.yaml, validated with one-line errors, and the runs it expands to;
 - `runner.py`: runs them one after another in one Ray session, skipping finished runs and
   resuming partial ones, with progress and an ETA;

@@ -6,7 +6,7 @@ variants differ exactly where the table says. What a variant leaves alone (learn
 bonus, schedule lengths T and T_tc, buffer size, Clip-Cov ratios/bounds, env reward penalties) is
 the base preset's and the same for every variant.
 
-The pieces (SPEAR.md sections in brackets):
+The pieces (docs/algorithm.md sections in brackets):
 - GRPO [§1]: std-normalised group advantages, symmetric clip 0.2/0.2, token-mean aggregation, no
   Dr.BoT filters, no group filter, no SIL, no tool bonus, no Clip-Cov.
 - Dr.BoT [§1, §2]: no std normalisation, clip-higher 0.2/0.28, seq-mean-token-sum-norm
@@ -14,7 +14,9 @@ The pieces (SPEAR.md sections in brackets):
 - SPEAR [§3-§7] on top: the replay buffer and SIL loss with its w_SIL ramp, advantage
   recalibration against the running P50 baseline, the decaying tool-call bonus, Clip-Cov on
   the on-policy and the replay update.
-- GiGPO [§1]: the GiGPO estimator (episode + anchor-state step advantages) instead of GRPO's.
+- GiGPO [§1]: the GiGPO estimator (episode + anchor-state step advantages) instead of GRPO's,
+  std-normalised in every variant as in the reference (Dr.BoT turns off GRPO's std division
+  only).
 
 `dotted_overrides(name)` gives a variant as `load_config` override strings.
 """
@@ -24,10 +26,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# GRPO as in SPEAR.md §1 ("plain GRPO"): every SPEAR and Dr.BoT piece off.
+# Plain GRPO (docs/algorithm.md §1): every SPEAR and Dr.BoT piece off.
 _GRPO: dict[str, Any] = {
     "algo.advantage.estimator": "grpo",
     "algo.advantage.norm_by_std": True,
+    # GiGPO's own std normalisation (the reference's gigpo.mode mean_std_norm in every released
+    # GiGPO script, Dr.BoT and SPEAR included); only read by the gigpo estimator
+    "algo.advantage.gigpo_std_norm": True,
     "algo.policy_loss.clip_low": 0.2,
     "algo.policy_loss.clip_high": 0.2,
     "algo.policy_loss.aggregation": "token-mean",
@@ -80,7 +85,7 @@ def _variant(*parts: dict[str, Any]) -> dict[str, Any]:
 
 # name -> (config values, one line for `--help`, summaries and plots)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "grpo": (_variant(), "GRPO (SPEAR.md §1 plain: std-normalised, clip 0.2/0.2, token-mean)"),
+    "grpo": (_variant(), "GRPO (plain: std-normalised, clip 0.2/0.2, token-mean)"),
     "drbot": (_variant(_DRBOT), "Dr.BoT(GRPO): clip-higher, seq-mean-token-sum-norm, filters"),
     "drbot_spear": (_variant(_DRBOT, _SPEAR), "Dr.BoT(GRPO) + SPEAR (full)"),
     "drbot_spear_no_sil": (
@@ -106,9 +111,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         ),
         "Dr.BoT + SPEAR without Clip-Cov (on-policy and replay)",
     ),
-    # The GRPO -> +SPEAR row of SPEAR.md §10: SPEAR's pieces on plain GRPO, no Dr.BoT.
+    # The GRPO -> +SPEAR row of the paper's table: SPEAR's pieces on plain GRPO, no Dr.BoT.
     "grpo_spear": (_variant(_SPEAR), "GRPO + SPEAR (no Dr.BoT)"),
-    # GiGPO rows of §10; GiGPO's anchor states need multi-turn envs (textworld, frozenlake, ...).
+    # The paper's GiGPO rows; GiGPO's anchor states need multi-turn envs (textworld, frozenlake).
     "gigpo": (_variant(_GIGPO), "GiGPO (std-normalised, clip 0.2/0.2, token-mean)"),
     "gigpo_spear": (_variant(_GIGPO, _SPEAR), "GiGPO + SPEAR (no Dr.BoT)"),
     "drbot_gigpo": (_variant(_GIGPO, _DRBOT), "Dr.BoT(GiGPO)"),

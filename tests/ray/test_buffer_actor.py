@@ -12,7 +12,8 @@ import ray
 
 from buffers import ReplayEntry
 from buffers.actor import spawn_replay_buffer
-from spear_ray.config.schema import BufferConfig, SpearConfig
+from spear_ray.config import load_config
+from spear_ray.recipe import Recipe
 
 pytestmark = pytest.mark.ray
 
@@ -99,10 +100,15 @@ def check_restored(buf, admitted, checkpoint_step):
     return len(lost), len(after), len(before)
 
 
+def _rule(*overrides: str):
+    """The recipe's replay rules of a default config with these overrides."""
+    return Recipe.from_config(load_config(None, list(overrides))).replay
+
+
 def test_actor_replays_and_survives_sigkill_with_its_checkpoint(ray_local, tmp_path):
     """Checkpointing every step (the default), a killed buffer loses nothing."""
-    config = SpearConfig(buffer=BufferConfig(size=4, trigger_factor=1.5, tolerate_steps=4))
-    buf = spawn_replay_buffer(config, tmp_path)
+    rule = _rule("buffer.size=4", "buffer.trigger_factor=1.5", "buffer.tolerate_steps=4")
+    buf = spawn_replay_buffer(rule, tmp_path)
     try:
         admitted, checkpoint_step = replay_then_kill(buf, tmp_path)
         assert checkpoint_step == 8
@@ -115,8 +121,13 @@ def test_actor_replays_and_survives_sigkill_with_its_checkpoint(ray_local, tmp_p
 
 @pytest.mark.slow  # a second actor and restart (~10 s here); the same logic is in tests/unit
 def test_rows_after_the_last_checkpoint_are_lost_and_counted(ray_local, tmp_path):
-    config = BufferConfig(size=4, trigger_factor=1.5, tolerate_steps=4, checkpoint_every_steps=3)
-    buf = spawn_replay_buffer(config, tmp_path)
+    rule = _rule(
+        "buffer.size=4",
+        "buffer.trigger_factor=1.5",
+        "buffer.tolerate_steps=4",
+        "buffer.checkpoint_every_steps=3",
+    )
+    buf = spawn_replay_buffer(rule, tmp_path)
     try:
         admitted, checkpoint_step = replay_then_kill(buf, tmp_path)
         assert checkpoint_step == 6  # steps 3 and 6 checkpointed; 7 and 8 are not

@@ -14,11 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from buffers.replay_buffer import ReplayBuffer
 from learners.learner_rank import METRIC_REDUCTIONS
-from spear_ray.config.schema import BufferConfig
+from spear_ray.config import load_config
 from spear_ray.containers import RewardParts, Trajectory
-from spear_ray.controller import step_metrics
+from spear_ray.controller import StepRecord, step_metrics
 from spear_ray.dashboard_metrics import METRICS, DashboardMetrics, exported_names, readings
-from spear_ray.evaluate import evaluation_metrics
+from spear_ray.evaluation import evaluation_metrics
+from spear_ray.recipe import Recipe
 from spear_ray.reporting import scalars
 
 pytestmark = pytest.mark.ray
@@ -51,22 +52,26 @@ def _rows() -> tuple[dict, dict]:
         _trajectory(1, success=False),
         _trajectory(2, success=True, failure="sandbox died"),
     ]
-    buffer_stats = ReplayBuffer(BufferConfig(size=4)).stats()
+    buffer_stats = ReplayBuffer(
+        Recipe.from_config(load_config(None, ["buffer.size=4"])).replay
+    ).stats()
     buffer_stats.update(size=5, above_p50=3, triggers_total=2, replay_mean_advantage_last=0.25)
     learner = {name: 0.5 for name in METRIC_REDUCTIONS}
     step = step_metrics(
-        4,
-        trajectories,
-        {"void_turn": 1},
-        {**learner, "entropy": 1.25, "tokens_per_s": 800.0},
-        {**learner, "entropy": 0.75},
-        buffer_stats,
-        0.5,
-        0.9,
-        4,
-        {"rollout": 2.0, "experience": 0.5, "update": 1.5},
-        num_replay_rows=2,
-        rollout_seconds=4.0,
+        StepRecord(
+            step=4,
+            trajectories=trajectories,
+            filter_counts={"void_turn": 1},
+            on_policy={**learner, "entropy": 1.25, "tokens_per_s": 800.0},
+            replay={**learner, "entropy": 0.75},
+            buffer=buffer_stats,
+            w_sil=0.5,
+            lambda_tc=0.9,
+            weight_version=4,
+            seconds={"rollout": 2.0, "experience": 0.5, "update": 1.5},
+            replay_rows=2,
+            rollout_seconds=4.0,
+        )
     )
     evaluation = {"step": 5, **evaluation_metrics(trajectories)}
     return step, evaluation

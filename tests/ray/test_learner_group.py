@@ -62,7 +62,7 @@ def make_config(model_dir: Path, zero_stage: int) -> SpearConfig:
             "model": {"path": str(model_dir), "dtype": "float32"},
             "env": {"name": "frozenlake"},
             "rollout": {
-                "prompts_per_step": 4,
+                "prompts_per_step": 8,  # x 2 = the 16 rows of make_batch
                 "samples_per_prompt": 2,
                 "max_prompt_tokens": 16,
                 "max_response_tokens": 48,

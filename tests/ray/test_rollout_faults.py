@@ -15,7 +15,7 @@ import torch
 
 from actors.rollout_group import RolloutGroup
 from spear_ray.agent.loop import Task
-from spear_ray.controller import step_metrics
+from spear_ray.controller import StepRecord, step_metrics
 from spear_ray.recipe import rollout_spec
 from tests.ray.test_rollout_group import _config, _tasks
 
@@ -126,7 +126,13 @@ def test_groups_past_their_retries_are_dropped_and_counted(ray_local, tmp_path):
             "samples_dropped": 8,
         }
         metrics = step_metrics(
-            0, trajectories, {}, {}, {}, {}, 0.0, 0.0, 1, {"rollout": 1.0}, 0, pending.counts
+            StepRecord(
+                step=0,
+                trajectories=trajectories,
+                weight_version=1,
+                seconds={"rollout": 1.0},
+                rollout_counts=pending.counts,
+            )
         )
         assert metrics["rollout/groups_dropped"] == 4
         assert metrics["rollout/worker_restarts"] == 1

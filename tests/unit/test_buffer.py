@@ -1,5 +1,5 @@
-"""The replay buffer (SPEAR.md §3-§4, step order §8) against a slow reference written here with
-plain lists and loops, plus its edge cases, idempotency and durable checkpoints."""
+"""The replay buffer (docs/algorithm.md §3-§4, step order §8) against a slow reference written here
+with plain lists and loops, plus its edge cases, idempotency and durable checkpoints."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from spear_ray.recipe import ReplayRule
 
 
 class RefBuffer:
-    """SPEAR.md §3-§4 read literally: plain Python lists, numpy percentile, one loop per rule."""
+    """docs/algorithm.md §3-§4 read literally: plain Python lists, numpy percentile, one loop per
+    rule."""
 
     def __init__(self, cfg: ReplayRule, norm_by_std: bool, epsilon: float, seed: int):
         self.cfg, self.norm, self.eps = cfg, norm_by_std, epsilon
