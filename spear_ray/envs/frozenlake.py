@@ -57,7 +57,11 @@ class FrozenLakeOptions(TurnOptions):
     slip_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="Chance a move goes sideways (gymnasium slippery = 2/3)."
     )
-    goal_reward: float = Field(1.0, description="Reward on reaching the goal.")
+    goal_reward: float = Field(
+        10.0,
+        description="Reward on reaching the goal (10, as the agent recipe's ALFWorld pays a win: "
+        "the tool-call bonus, at most 1, stays a tenth of it).",
+    )
 
     @model_validator(mode="after")
     def _path_fits(self) -> FrozenLakeOptions:

@@ -53,7 +53,11 @@ class SokobanOptions(TurnOptions):
     max_actions_per_turn: int = Field(
         1, ge=1, le=20, description="How many moves one turn may give (comma or || separated)."
     )
-    solve_reward: float = Field(1.0, description="Reward when the last box reaches a target.")
+    solve_reward: float = Field(
+        10.0,
+        description="Reward when the last box reaches a target (10, as the agent recipe's "
+        "ALFWorld pays a win: the tool-call bonus, at most 1, stays a tenth of it).",
+    )
 
     @model_validator(mode="after")
     def _room_fits(self) -> SokobanOptions:

@@ -83,7 +83,11 @@ class TextWorldOptions(TurnOptions):
     inadmissible_is_invalid: bool = Field(
         False, description="Flag a command outside the admissible list as an invalid action."
     )
-    win_reward: float = Field(1.0, description="Reward when the game is won.")
+    win_reward: float = Field(
+        10.0,
+        description="Reward when the game is won (10, as ALFWorld pays a win in the agent "
+        "recipe: the tool-call bonus, at most 1, stays a tenth of it).",
+    )
 
     @model_validator(mode="after")
     def _take_fits(self) -> TextWorldOptions:

@@ -68,7 +68,9 @@ def make_config(model_dir: Path, zero_stage: int) -> SpearConfig:
                 "max_response_tokens": 48,
                 "max_tokens_per_turn": 16,
             },
-            "algo": {"policy_loss": {"on_policy_cov": {"mode": "none"}}},
+            "algo": {
+                "policy_loss": {"on_policy_cov": {"mode": "none"}, "replay_cov": {"mode": "none"}}
+            },
             "learner": {
                 "num_ranks": RANKS,
                 "zero_stage": zero_stage,
@@ -431,3 +433,42 @@ def test_checkpoint_round_trip(learners, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
     assert torch.equal(model.lm_head.weight, saved["model.embed_tokens.weight"])
     assert AutoTokenizer.from_pretrained(str(tmp_path / "policy")).pad_token == "<pad>"
+
+
+def test_a_replayed_row_weighs_what_an_on_policy_row_weighs(learners, model_dir):
+    """A replay batch of 4 rows is one optimizer step whose loss divides by the on-policy
+    mini-batch size M = 8, not by its own rows (docs/algorithm.md §5): the reported loss is the
+    plain-torch loss of those rows over M. The old divisor (its 3 rows with loss tokens) made each
+    replayed row weigh 8/3 of an on-policy row here. Last in the file: its step is the latest."""
+    group, config, _ = learners
+    m = config.rollout.samples_per_step // config.learner.mini_batches_per_step
+    replay = with_behaviour_logprobs(group, make_batch(seed=12, rows=4), seed=112)
+    model = load_model(model_dir, group.full_state_dict())
+    # past the cosine schedule's end the lr is 0: every epoch sees the same weights
+    step = config.run.total_steps + 5
+    metrics = group.update(batch=replay, step=step, phase="replay", loss_weight=1.0)
+    assert metrics["lr"] == 0.0 and metrics["optimizer_steps"] == PPO_EPOCHS  # 1 mini-batch
+    pl = config.algo.policy_loss
+    mask = replay.loss_mask.bool()
+    with torch.no_grad():
+        logp, entropy = reference_logp_entropy(model, replay)
+    out = compute_policy_loss(
+        "none",
+        logp,
+        replay.old_logprobs,
+        replay.advantages,
+        mask,
+        clip_low=pl.clip_low,
+        clip_high=pl.clip_high,
+        dual_clip=pl.dual_clip_c,
+        log_ratio_clamp=pl.log_ratio_clamp,
+    )
+    norm = {"norm_length": config.rollout.max_response_tokens, "num_sequences": m}
+    pg = aggregate_loss(out.per_token_loss, mask, pl.aggregation, **norm)
+    ent = entropy_loss(entropy, mask, pl.aggregation, coef=pl.entropy_coef, **norm)
+    assert metrics["pg_loss"] == pytest.approx(pg.item(), rel=1e-5)
+    assert metrics["loss"] == pytest.approx((pg + ent).item(), rel=1e-5)
+    # the old divisor, the replay's own rows with loss tokens (3: make_batch filters one row)
+    own_rows = {**norm, "num_sequences": int(mask.any(dim=-1).sum())}
+    old = aggregate_loss(out.per_token_loss, mask, pl.aggregation, **own_rows)
+    assert old.item() == pytest.approx(pg.item() * m / 3) and abs(pg.item()) > 1e-6

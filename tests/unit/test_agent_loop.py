@@ -99,7 +99,7 @@ def test_ids_are_prompt_then_generated_and_observations_in_order(tokenizer, chat
     env = make_env("frozenlake", {})
     traj = _play(engine, env, chat)
     assert traj.failure is None and traj.finished and traj.success
-    assert traj.rewards.task == 1.0 and traj.invalid_actions == 0
+    assert traj.rewards.task == 10.0 and traj.invalid_actions == 0  # frozenlake pays 10
     assert traj.tool_calls == len(replies)  # agent env: every valid step counts for r_tc
 
     # Rebuild the expected ids independently: each request the engine saw is exactly the

@@ -56,6 +56,27 @@ def test_presets_carry_the_released_settings():
     assert math.algo.sil.ramp_steps == 300 and math.algo.tool_reward.combine == "qwen3"
     assert math.env.options["tool_timeout_s"] == 30
     assert math.buffer.require_tool_call and math.buffer.strict_positive
+    # several optimizer steps per rollout, as the reference's mini-batches give (agent: ~4-8k
+    # turn rows in mini-batches of 1024; math: 128 prompts in mini-batches of 64)
+    assert tw.learner.mini_batches_per_step == 4 and math.learner.mini_batches_per_step == 2
+    assert load_config("demo").learner.mini_batches_per_step == 4
+    assert tw.algo.filters.scope == "turn" and math.algo.filters.scope == "trajectory"
+
+
+@pytest.mark.parametrize("name", ["textworld-1.5b", "demo"])
+def test_agent_presets_never_pay_a_wandering_loss_like_a_win(name):
+    # The reference's ALFWorld win is worth 10 against a tool-call bonus capped at 1: a loss that
+    # wanders for max_turns earns at most a tenth of a win. With a win worth 1 it earned as much.
+    from spear_ray.recipe import Recipe
+
+    config = load_config(name)
+    options = config.env.options
+    win = options.get("win_reward", options.get("goal_reward"))
+    turns = options["max_turns"]
+    bonus = Recipe.from_config(config).tool_bonus
+    wandering_loss = bonus.bonus(0.0, turns, step=0)  # lambda(0) = 1: the largest bonus
+    quickest_win = win + bonus.bonus(win, 1, step=0)
+    assert wandering_loss <= 0.1 * win < quickest_win
 
 
 def test_defaults_are_spears_released_constants():

@@ -32,7 +32,7 @@ def test_sokoban_bfs_oracle_solves_every_seed(options):
             last = i == len(plan) - 1
             assert result.done is last
             assert result.info.success is last
-            assert result.reward == (1.0 if last else 0.0)
+            assert result.reward == (10.0 if last else 0.0)  # a win pays 10 (ALFWorld)
         assert "X" not in result.observation  # no box off target
         assert result.info.anchor == result.observation
         env.close()
@@ -71,7 +71,7 @@ def test_sokoban_multiple_actions_per_turn():
     env.reset(4)
     plan = solve(env.level)
     result = env.step("<action>" + ", ".join(plan) + "</action>")
-    assert result.info.success and result.reward == 1.0 and result.done
+    assert result.info.success and result.reward == 10.0 and result.done
 
 
 def test_sokoban_seeds_reproduce_and_differ():
@@ -112,7 +112,7 @@ def test_frozenlake_shortest_path_oracle_solves_every_seed(options):
             result = env.step(_act(move))
             last = i == len(plan) - 1
             assert result.done is last and result.info.success is last
-            assert result.reward == (1.0 if last else 0.0)
+            assert result.reward == (10.0 if last else 0.0)  # a win pays 10 (ALFWorld)
         assert "√" in result.observation
 
 

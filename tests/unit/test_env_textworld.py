@@ -62,7 +62,7 @@ def test_walkthrough_wins_every_game(tiny):
             last = i == len(env.walkthrough) - 1
             assert not result.info.invalid_action
             assert result.done is last and result.info.success is last
-            assert result.reward == (1.0 if last else 0.0)
+            assert result.reward == (10.0 if last else 0.0)  # a win pays 10 (ALFWorld)
     env.close()
 
 

@@ -285,3 +285,17 @@ def test_evaluation_with_only_infrastructure_failures_measures_nothing():
     mixed = evaluation_metrics([*failed, _traj(9, 1.0)])
     assert mixed["eval/infra_failures"] == 3
     assert mixed["eval/task_reward"] == 1.0
+
+
+def test_gigpo_keeps_its_std_normalisation_when_grpo_drops_it():
+    # The reference's Dr.BoT(GiGPO) scripts set norm_adv_by_std_in_grpo=False and
+    # gigpo.mode=mean_std_norm: GiGPO's advantages stay std-normalised.
+    trajs = [_traj(0, 4.0, turns=1), _traj(0, 0.0, turns=1)]
+    algo = dict(advantage={"estimator": "gigpo", "norm_by_std": False}, **NO_FILTERS)
+    normalised = _step(trajs, **algo)
+    # episode: (4 - 2) / (std 2.83 + eps); step (distinct anchors s0 = s0: one step group of two)
+    episode = 2.0 / (math.sqrt(8.0) + 1e-6)
+    assert normalised.advantages[0][0] == pytest.approx(2 * episode, rel=1e-6)
+    algo["advantage"]["gigpo_std_norm"] = False
+    raw = _step(trajs, **algo)
+    assert raw.advantages[0][0] == pytest.approx(2.0 + 2.0)  # mean_norm: episode 2 + step 2

@@ -2,7 +2,8 @@
 
 Each `_ref_*` function below is a line-by-line transcription (DataProto plumbing, logging and
 prints dropped; float64 instead of the reference's float32 where it casts) of the reference
-formulas, checked out under /tmp/ref. The tests compute OUR functions (spear_ray.algo.*) on small
+formulas of TencentYoutuResearch/SPEAR (paths below are in that repository; nothing of it is
+needed at test time). The tests compute OUR functions (spear_ray.algo.*) on small
 random toy batches (seeds 0..4, float64) and compare with the transcription to 1e-6 (abs).
 
 Transcribed from:
@@ -1222,7 +1223,9 @@ def test_sil_weight_matches_reference(total_steps: int, coef: float) -> None:
 
 @pytest.mark.parametrize("total_steps", [1, 10, 200])
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_additive_tool_bonus_matches_reference(total_steps: int, schedule: str) -> None:
+@pytest.mark.parametrize("combination", ["additive", "qwen3"])
+def test_tool_bonus_matches_reference(total_steps: int, schedule: str, combination: str) -> None:
+    reference = {"additive": _ref_tool_bonus, "qwen3": _ref_tool_bonus_qwen3}[combination]
     for task in (-1.0, -0.5, 0.0, 0.3, 1.0):
         for calls in range(0, 13):
             for step in range(0, 2 * total_steps + 2, max(1, total_steps // 7)):
@@ -1232,31 +1235,11 @@ def test_additive_tool_bonus_matches_reference(total_steps: int, schedule: str) 
                     step,
                     total_steps=total_steps,
                     schedule=schedule,
-                    combination="additive",
+                    combination=combination,
                     per_call=0.1,
                     cap=1.0,
                 )
-                ref = _ref_tool_bonus(task, calls, step, total_steps, schedule)
-                assert abs(ours - ref) <= TOL, (task, calls, step, ours, ref)
-
-
-@pytest.mark.parametrize("total_steps", [1, 10, 200])
-@pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_qwen3_tool_bonus_matches_reference(total_steps: int, schedule: str) -> None:
-    for task in (-1.0, -0.5, 0.0, 0.3, 1.0):
-        for calls in range(0, 13):
-            for step in range(0, 2 * total_steps + 2, max(1, total_steps // 7)):
-                ours = shaped_score(
-                    task,
-                    calls,
-                    step,
-                    total_steps=total_steps,
-                    schedule=schedule,
-                    combination="qwen3",
-                    per_call=0.1,
-                    cap=1.0,
-                )
-                ref = _ref_tool_bonus_qwen3(task, calls, step, total_steps, schedule)
+                ref = reference(task, calls, step, total_steps, schedule)
                 assert abs(ours - ref) <= TOL, (task, calls, step, ours, ref)
 
 
