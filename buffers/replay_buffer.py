@@ -86,7 +86,9 @@ class ReplayEntry:
 
     token_ids: np.ndarray  # int32 [n]: prompt + response ids, exactly as sampled
     loss_mask: np.ndarray  # uint8 [n]: 1 on model-generated tokens that carry loss
-    behaviour_logprobs: np.ndarray  # float32 [n]: sampler log-probs at collection (0 off mask)
+    # float32 [n]: the logp_old the on-policy update used (recomputed by the learners by
+    # default, the engine's with learner.logp_old: behaviour); the replay loss's logp_old
+    behaviour_logprobs: np.ndarray
     advantages: np.ndarray  # float32 [n]: per-token advantage at admission (0 off mask)
     reward: float  # the row's total score, incl. that step's tool-call bonus
     tool_calls: int

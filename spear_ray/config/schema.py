@@ -436,7 +436,11 @@ class LearnerConfig(Section):
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's on-policy batch.")
     mini_batches_per_step: int = Field(
-        1, ge=1, description="Optimizer steps per epoch: the batch is split into this many."
+        1,
+        ge=1,
+        description="Optimizer steps per epoch: the step's batch is split into this many "
+        "mini-batches of M = samples per step / this rows. Every optimizer step, replay "
+        "included, divides its loss by M, so a replayed row weighs what an on-policy row does.",
     )
     tokens_per_micro_batch: int = Field(
         16384, ge=1, description="Token budget of one forward/backward micro-batch (packing)."
