@@ -179,9 +179,11 @@ class RolloutWorker:
         """Load new weights in place (idempotent: an older or equal version is ignored)."""
         if version <= self.engine.weight_version:
             return self.engine.weight_version
-        # Fetching buckets from the object store blocks: do it off the event loop so the
-        # trajectories in flight keep going meanwhile.
-        tensors = await asyncio.to_thread(list, named_tensors)
+        # Bucketed weights (learners.weight_sync.BucketedWeights) are awaited bucket by bucket,
+        # so the trajectories in flight keep going meanwhile; a plain iterable of tensors (tests,
+        # an in-process learner) is already in memory.
+        fetch = getattr(named_tensors, "fetch", None)
+        tensors = await fetch() if fetch is not None else list(named_tensors)
         await self.engine.update_weights(tensors, version)
         return self.engine.weight_version
 

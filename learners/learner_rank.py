@@ -518,7 +518,13 @@ class LearnerRank:
         """Rank 0: the full weights as bucket ObjectRefs in the Ray object store (see
         learners.weight_sync); None on other ranks. Collective under ZeRO-3."""
         state = self.full_state_dict()
-        return None if state is None else put_weights(state, bucket_bytes=bucket_bytes)
+        if state is None:
+            return None
+        # In the rollout engines' dtype (model.dtype): on CPU the learner trains in fp32 while a
+        # bf16 engine would cast every tensor itself; casting here also halves the bytes moved.
+        engine_dtype = getattr(torch, self.spec.model.dtype)
+        state = {name: tensor.to(engine_dtype) for name, tensor in state.items()}
+        return put_weights(state, bucket_bytes=bucket_bytes)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -133,6 +133,15 @@ class BucketedWeights:
             yield from unpack_bucket(specs, buffer)
             del buffer  # release the shared-memory view before fetching the next bucket
 
+    async def fetch(self) -> list[tuple[str, Tensor]]:
+        """All (name, tensor) pairs, each bucket awaited: inside an async actor the event loop
+        keeps serving other calls meanwhile (a blocking ray.get would stop it)."""
+        tensors: list[tuple[str, Tensor]] = []
+        for ref in self.refs:
+            specs, buffer = await ref
+            tensors.extend(unpack_bucket(specs, buffer))
+        return tensors
+
     def __len__(self) -> int:
         return len(self.refs)
 

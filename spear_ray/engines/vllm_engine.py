@@ -116,6 +116,7 @@ class VLLMEngine:
         if tokenizer_path is not None and not Path(tokenizer_path).exists():
             raise FileNotFoundError(f"VLLMEngine: tokenizer path {tokenizer_path} does not exist")
         self.model_path = model_path
+        self.dtype = getattr(torch, dtype)  # of every engine parameter, kept on each update
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.weight_version = initial_version
         self.num_running = 0  # requests admitted to vLLM and not finished (for metrics, tests)
@@ -212,7 +213,9 @@ class VLLMEngine:
             raise ValueError(
                 f"update_weights: version {version} is older than the loaded {self.weight_version}"
             )
-        tensors = [(name, t.detach()) for name, t in named_tensors]
+        # In the engine's dtype: the learner may train in another (fp32 on CPU), and vLLM would
+        # cast each tensor itself with a warning per weight.
+        tensors = [(name, t.detach().to(self.dtype)) for name, t in named_tensors]
         self._validate(tensors)
         tensors = _with_tied_lm_head(tensors, self._tied_embeddings)
         update = _Update(tensors, version, concurrent.futures.Future())

@@ -7,6 +7,7 @@ needs into both engines (`Pair.load`), so the tests do not depend on their order
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import torch
@@ -308,3 +309,49 @@ def test_update_of_a_tied_model_without_lm_head_reties_it(tmp_path, monkeypatch)
         assert got.token_ids == ref[: len(got.token_ids)] and len(got.token_ids) > 3
     finally:
         engine.shutdown()
+
+
+def _engine_dtypes(engine) -> set[torch.dtype]:
+    def dtypes(worker):
+        return {p.dtype for p in worker.model_runner.model.parameters()}
+
+    (found,) = engine._engine.collective_rpc(dtypes)
+    return found
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_keeps_its_dtype_through_weight_updates(pair, tmp_path, dtype):
+    """The engine runs in model.dtype after load and after every update, and an update in the
+    learner's fp32 is cast by us, not weight by weight by vLLM (which warned for each)."""
+    if dtype == "float32":
+        engine = pair.vllm
+    else:
+        engine = VLLMEngine(
+            pair.vllm.model_path, dtype=dtype, max_model_len=256, cpu_kv_cache_gib=0.1
+        )
+    try:
+        assert _engine_dtypes(engine) == {getattr(torch, dtype)}
+        records = _Records()
+        vllm_logger = logging.getLogger("vllm")
+        vllm_logger.addHandler(records)
+        try:
+            fp32 = {k: v.float() for k, v in perturbed(pair.original, seed=5).items()}
+            asyncio.run(engine.update_weights(fp32.items(), engine.weight_version + 1))
+        finally:
+            vllm_logger.removeHandler(records)
+        assert _engine_dtypes(engine) == {getattr(torch, dtype)}
+        assert not [m for m in records.messages if "Attempted to load weight" in m]
+    finally:
+        if engine is not pair.vllm:
+            engine.shutdown()
+        else:
+            pair.current = "perturbed-5"  # the engines fixture reloads the original
