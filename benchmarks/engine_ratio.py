@@ -55,7 +55,9 @@ class BenchToolOptions(TurnOptions):
 
 class BenchToolEnv:
     """Every turn is a tool call: a (seeded, exponential) latency, then a short observation;
-    the episode ends after max_turns turns. Any text is a valid action."""
+    the episode ends after max_turns turns. Any text is a valid action. The last turn scores 1
+    when its text has an even number of characters: arbitrary, but it varies within a group,
+    so GRPO has non-zero advantages to train on (benchmarks/step.py)."""
 
     def __init__(self, options: BenchToolOptions):
         self.options = options
@@ -71,7 +73,8 @@ class BenchToolEnv:
         self.turn += 1
         done = self.turn >= self.options.max_turns
         obs = "done" if done else f"tool output {self.turn}: " + "x " * self.rng.randint(1, 12)
-        return StepResult(obs, 0.0, done, EnvInfo(tool_call=True, truncated=done))
+        reward = float(done and len(action_text) % 2 == 0)
+        return StepResult(obs, reward, done, EnvInfo(tool_call=True, truncated=done))
 
     def close(self) -> None:
         pass

@@ -444,6 +444,146 @@ def measure(args: argparse.Namespace, runs_dir: str) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- vs one process
+
+
+def single_turn_config(args: argparse.Namespace, runs_dir: str) -> SpearConfig:
+    """The single-process comparison's workload: GRPO (the variant table's keys), one tiny
+    random Llama (small-random, fp32), `--prompts` x 4 samples, single turn, at most 64 new
+    tokens, temperature 1, lr 1e-5, one learner rank and one rollout worker (one core each)."""
+    from spear_ray.experiments.variants import dotted_overrides
+
+    return load_config(
+        "demo",
+        [
+            *dotted_overrides("grpo"),
+            "model.path=builtin:small-random",
+            "model.dtype=float32",
+            f"rollout.prompts_per_step={args.prompts}",
+            "rollout.samples_per_prompt=4",
+            "rollout.max_tokens_per_turn=64",
+            "rollout.max_prompt_tokens=256",
+            "rollout.max_response_tokens=64",
+            "rollout.temperature=1.0",
+            "env.name=bench_tool",
+            "env.options={max_turns: 1}",
+            "learner.lr=1e-5",
+            "learner.mini_batches_per_step=1",
+            "learner.tokens_per_micro_batch=4096",
+            "run.total_steps=1000",
+            "run.eval_every_steps=0",
+            "checkpoint.every_steps=1000",
+            f"run.runs_dir={runs_dir}",
+            "run.name=step-vs-single-process",
+            *args.override,
+        ],
+    )
+
+
+def measure_vs_single_process(args: argparse.Namespace, runs_dir: str) -> dict:
+    """Rounds of `--steps` spear-ray steps alternate with rounds of the single-process loop's
+    (benchmarks/single_process.py, in a subprocess using every core); the first step of each
+    round is not timed. Total cores equal: the machine's."""
+    import subprocess
+
+    from engine_ratio import ROOT, register_bench_env
+
+    register_bench_env()
+    config = single_turn_config(args, runs_dir)
+    config_file = Path(runs_dir) / "single-process-config.json"
+    config_file.write_text(config.model_dump_json())
+    baseline = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "single_process.py"),
+            str(config_file),
+            str(args.steps + 1),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+    )
+
+    def baseline_round() -> list[float]:
+        baseline.stdin.write("go\n")
+        baseline.stdin.flush()
+        seconds = []
+        for line in baseline.stdout:
+            row = json.loads(line) if line.startswith("{") else {}
+            if "round_done" in row:
+                return seconds[1:]
+            if "seconds" in row:
+                seconds.append(row["seconds"])
+        raise RuntimeError(f"single-process loop ended (exit {baseline.wait()})")
+
+    for line in baseline.stdout:  # set up before anything is timed
+        if line.startswith('{"ready"'):
+            break
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=args.verbose,
+        runtime_env={
+            "env_vars": {"PYTHONPATH": str(ROOT)},
+            "worker_process_setup_hook": "benchmarks.engine_ratio.register_bench_env",
+        },
+    )
+    spear_steps: list[float] = []
+    single_steps: list[float] = []
+    phases: list[dict] = []
+    try:
+        controller = Controller(config, RunDir.create(config), pad_token_id(config), log=log)
+        try:
+            controller.rollouts.health()
+            t = 0
+            for round_index in range(args.rounds):
+                for k in range(args.steps + 1):
+                    t0 = time.perf_counter()
+                    metrics = controller.step(t)
+                    if k:  # the first step of a round is a warm-up
+                        spear_steps.append(time.perf_counter() - t0)
+                        phases.append(metrics)
+                    t += 1
+                single_steps += baseline_round()
+                log(
+                    f"[round {round_index + 1}/{args.rounds}] spear-ray "
+                    f"{statistics.median(spear_steps):.3f} s/step, single process "
+                    f"{statistics.median(single_steps):.3f} s/step"
+                )
+        finally:
+            controller.shutdown()
+    finally:
+        ray.shutdown()
+        baseline.stdin.close()
+        baseline.wait(timeout=120)
+    return {
+        "step_s": statistics.median(spear_steps),
+        "single_process_step_s": statistics.median(single_steps),
+        "phases": phase_seconds(phases),
+    }
+
+
+def report_vs_single_process(results: dict) -> None:
+    step, single = results["step_s"], results["single_process_step_s"]
+    print(f"{'phase (mean s/step)':22} {'spear-ray':>9}")
+    for name, seconds in results["phases"].items():
+        print(f"{name:22} {seconds:9.3f}")
+    print(
+        f"spear-ray step {step:.3f} s vs single process {single:.3f} s: ratio "
+        f"{step / single:.2f} (aim <= 0.8 on CPU), cpus={os.cpu_count()}"
+    )
+    print(
+        json.dumps(
+            {
+                "step_s": round(step, 4),
+                "single_process_step_s": round(single, 4),
+                "step_ratio": round(step / single, 3),
+            }
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode")
@@ -455,12 +595,21 @@ def main() -> None:
         "--override", action="append", default=[], help="extra dotted config override"
     )
     parser.add_argument("--verbose", action="store_true", help="show the actors' logs")
+    parser.add_argument(
+        "--vs-single-process",
+        action="store_true",
+        help="instead: spear-ray's step against one plain process on a single-turn GRPO workload",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --vs-single-process")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     runs_dir = tempfile.mkdtemp(prefix="step-bench-")
     try:
+        if args.vs_single_process:
+            report_vs_single_process(measure_vs_single_process(args, runs_dir))
+            return
         results = measure(args, runs_dir)
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
