@@ -102,6 +102,19 @@ def spawn_rollout_worker(
 ):
     """Start one RolloutWorker actor with the resources of `spec.resources`, in bundle
     `worker_index` of `placement_group` when one is given. `options` override the defaults."""
+    actor_options = rollout_actor_options(spec, worker_index, placement_group)
+    actor_options.update(options)
+    return (
+        ray.remote(RolloutWorker)
+        .options(**actor_options)
+        .remote(spec, worker_index, exit_when_hung=True)
+    )
+
+
+def rollout_actor_options(
+    spec: RolloutSpec, worker_index: int, placement_group: PlacementGroup | None = None
+) -> dict[str, Any]:
+    """The Ray actor options of rollout worker `worker_index`."""
     res = spec.resources
     actor_options: dict[str, Any] = {
         "num_cpus": res.cpus_per_rollout_worker,
@@ -113,14 +126,15 @@ def spawn_rollout_worker(
         "max_restarts": spec.rollout.max_restarts,
         "max_task_retries": 0,
     }
+    if res.threads_per_rollout_worker > 0 and res.gpus_per_rollout_worker == 0:
+        # vLLM's CPU kernels take their thread count from OpenMP at process start (Ray would set
+        # OMP_NUM_THREADS to the CPU reservation); torch.set_num_threads later is refused.
+        actor_options["runtime_env"] = {
+            "env_vars": {"OMP_NUM_THREADS": str(res.threads_per_rollout_worker)}
+        }
     if placement_group is not None:
         actor_options["scheduling_strategy"] = in_bundle(placement_group, worker_index)
-    actor_options.update(options)
-    return (
-        ray.remote(RolloutWorker)
-        .options(**actor_options)
-        .remote(spec, worker_index, exit_when_hung=True)
-    )
+    return actor_options
 
 
 def _first_line(err: BaseException) -> str:

@@ -240,7 +240,13 @@ class LearnerGroup:
         return replace(batch, old_logprobs=logp * batch.loss_mask)
 
     def update(
-        self, *, batch: TrainBatch, step: int, phase: str, loss_weight: float = 1.0
+        self,
+        *,
+        batch: TrainBatch,
+        step: int,
+        phase: str,
+        loss_weight: float = 1.0,
+        own_logp_old: bool = False,
     ) -> dict[str, float]:
         """One phase of training step `step` (see LearnerRank.update); reduced metrics."""
         if phase not in PHASES:
@@ -258,6 +264,7 @@ class LearnerGroup:
                 "phase": phase,
                 "loss_weight": loss_weight,
                 "mini_batch_sizes": sizes,
+                "own_logp_old": own_logp_old,
             }
             for rows, sizes in self._shards(batch.rows, mini_batches)
         ]

@@ -217,6 +217,9 @@ class LearnerRank:
                 file=sys.stderr,
                 flush=True,
             )
+        if self.spec.resources.threads_per_learner > 0 and not self.on_gpu:
+            # more threads than the rank's CPU reservation: the phases take turns (async 0)
+            torch.set_num_threads(self.spec.resources.threads_per_learner)
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -342,6 +345,7 @@ class LearnerRank:
         phase: str,
         loss_weight: float = 1.0,
         mini_batch_sizes: list[int] | None = None,
+        own_logp_old: bool = False,
     ) -> dict[str, float]:
         """Train on `batch` (this rank's rows): ppo_epochs x mini-batches optimizer steps.
 
@@ -351,6 +355,8 @@ class LearnerRank:
         mini_batch_sizes: this rank's rows per mini-batch (LearnerGroup passes them so that
         local mini-batch m is part of global mini-batch m); default: ceil(rows / M) near-equal
         mini-batches, M the on-policy mini-batch size.
+        own_logp_old: logp_old is the update's own detached log-probs (batch.old_logprobs
+        unused); the caller asserts that is the recomputed value (one epoch, one mini-batch).
         Idempotent: a second call with a step <= the last one of this phase returns the
         metrics of the last call and changes nothing.
         """
@@ -384,7 +390,9 @@ class LearnerRank:
                     mini = batch.select(list(range(start, start + size)))
                     start += size
                     seed = _seed(self.spec.seed, step, phase, epoch, index, self.rank)
-                    self._train_mini_batch(mini, settings, loss_weight, lr, seed, totals)
+                    self._train_mini_batch(
+                        mini, settings, loss_weight, lr, seed, totals, own_logp_old
+                    )
         metrics = self._finish_metrics(totals, lr, loss_weight, time.monotonic() - t0)
         self._done[phase] = (step, metrics)
         return dict(metrics)
@@ -397,6 +405,7 @@ class LearnerRank:
         lr: float,
         seed: int,
         totals: dict[str, float],
+        own_logp_old: bool = False,
     ) -> None:
         """Forward/backward every micro-batch of one mini-batch, then one optimizer step."""
         local = loss_divisors(mini.loss_mask)
@@ -419,7 +428,14 @@ class LearnerRank:
             if k < len(pieces):
                 micro = pieces[k]
                 logits = self._forward(micro.input_ids, micro.attention_mask)
-                out = micro_batch_loss(logits, micro, settings, divisors, generator=generator)
+                out = micro_batch_loss(
+                    logits,
+                    micro,
+                    settings,
+                    divisors,
+                    generator=generator,
+                    own_logp_old=own_logp_old,
+                )
                 self.engine.backward(out.loss * scale)
                 step_sums["pg_loss"] += out.pg_loss
                 step_sums["loss"] += loss_weight * (out.pg_loss + out.entropy_term)

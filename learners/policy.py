@@ -199,16 +199,19 @@ def micro_batch_loss(
     divisors: Mapping[str, float],
     *,
     generator: torch.Generator | None = None,
+    own_logp_old: bool = False,
 ) -> MicroBatchLoss:
     """The policy loss of one micro-batch (docs/algorithm.md §1, §5), normalised by the divisors
-    of its whole mini-batch (`mini_batch_divisors`)."""
+    of its whole mini-batch (`mini_batch_divisors`). own_logp_old: logp_old is this forward's
+    own detached log-probs (what a recompute with the same weights gives)."""
     device = logits.device
     mask = micro.loss_mask.to(device).bool()
     logp = token_logprobs(logits, micro.input_ids.to(device), settings.temperature)
+    logp_old = logp.detach() if own_logp_old else micro.old_logprobs.to(device, logp.dtype)
     out = compute_policy_loss(
         settings.cov_mode,
         logp,
-        micro.old_logprobs.to(device, logp.dtype),
+        logp_old,
         micro.advantages.to(device, logp.dtype),
         mask,
         generator=generator,

@@ -170,14 +170,18 @@ class Controller:
         return ray.get(self.buffer.replay_batch.remote(step=t, min_rows=ranks))
 
     def _logp_old(self, batch: TrainBatch) -> TrainBatch:
-        """logp_old of the on-policy loss: recomputed by the learners (the reference's rule,
-        and the default) or the engine's behaviour log-probs (learner.logp_old)."""
-        if self.config.learner.logp_old == "recompute":
+        """logp_old of the on-policy loss (Recipe.logp_old): recomputed by the learners (the
+        reference's rule, and the default), left to the update itself where that is provably
+        the same (one epoch of one mini-batch), or the engine's behaviour log-probs."""
+        if self.recipe.logp_old == "recompute":
             return self.learners.recompute_old_logprobs(batch)
         return batch
 
     def _update(self, batch: TrainBatch, t: int, phase: str, weight: float = 1.0) -> dict:
-        return self.learners.update(batch=batch, step=t, phase=phase, loss_weight=weight)
+        own = phase == "on_policy" and self.recipe.logp_old == "update"
+        return self.learners.update(
+            batch=batch, step=t, phase=phase, loss_weight=weight, own_logp_old=own
+        )
 
     def _update_replay(self, rows: list[ReplayEntry] | None, t: int, w_sil: float) -> dict:
         """The SIL update on the replay rows, its loss weighted by w_SIL(t)."""

@@ -238,6 +238,11 @@ class RolloutSpec:
 
 @dataclass(frozen=True)
 class Recipe:
+    # logp_old of the on-policy loss: "recompute" (the learners, before the update), "update"
+    # (the update's own detached log-probs: provably the recomputed ones when there is one
+    # epoch of one mini-batch and nothing else needs them, so the recompute is skipped) or
+    # "behaviour" (the engine's, learner.logp_old: behaviour)
+    logp_old: str
     tool_bonus: ToolBonus
     filters: Filters
     advantage: AdvantageRule
@@ -274,7 +279,13 @@ class Recipe:
 
         on_policy_loss, replay_loss = phase_loss(pl.on_policy_cov), phase_loss(pl.replay_cov)
         buf = config.buffer
+        logp_old = config.learner.logp_old
+        one_pass = config.learner.ppo_epochs == 1 and config.learner.mini_batches_per_step == 1
+        # the replay buffer stores the recomputed logp_old: with SIL on, it is computed anyway
+        if logp_old == "recompute" and one_pass and not algo.sil.enabled:
+            logp_old = "update"
         return cls(
+            logp_old=logp_old,
             tool_bonus=ToolBonus(
                 enabled=tr.enabled,
                 per_call=tr.per_call,

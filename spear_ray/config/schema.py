@@ -475,6 +475,19 @@ class ResourcesConfig(Section):
     cpus_per_learner: float = Field(1.0, gt=0, description="CPUs reserved per learner rank.")
     gpus_per_learner: float = Field(0.0, ge=0, description="GPUs per learner rank (0 = CPU).")
     cpus_per_rollout_worker: float = Field(1.0, gt=0, description="CPUs per rollout worker.")
+    threads_per_learner: int = Field(
+        0,
+        ge=0,
+        description="torch threads of a learner rank (0 = its CPU reservation, Ray's default). "
+        "On one machine with rollout.async_steps 0 the phases take turns, so a rank may use "
+        "every core while the rollout workers wait (the demo sets the core count).",
+    )
+    threads_per_rollout_worker: int = Field(
+        0,
+        ge=0,
+        description="torch/OpenMP threads of a rollout worker's CPU engine (0 = its CPU "
+        "reservation). As threads_per_learner: with async_steps 0 on one machine, every core.",
+    )
     gpus_per_rollout_worker: float = Field(
         0.0, ge=0, description="GPUs per rollout worker (>= rollout.tensor_parallel_size on GPU)."
     )

@@ -415,3 +415,17 @@ def test_nested_section_defaults_live_on_their_class():
                 walk(annotation, f"{prefix}{name}.")
 
     walk(SpearConfig)
+
+
+def test_rollout_worker_threads_reach_the_engine_process():
+    # vLLM's CPU kernels take OpenMP's thread count at process start: it goes in the actor's
+    # environment, not through torch.set_num_threads later (which vLLM refuses).
+    from actors.rollout_group import rollout_actor_options
+    from spear_ray.recipe import rollout_spec
+
+    default = rollout_actor_options(rollout_spec(load_config("demo")), 0)
+    assert "runtime_env" not in default and default["num_cpus"] == 1.0
+    threaded = load_config("demo", ["resources.threads_per_rollout_worker=2"])
+    options = rollout_actor_options(rollout_spec(threaded), 0)
+    assert options["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "2"}}
+    assert options["num_cpus"] == 1.0  # the reservation is unchanged

@@ -223,7 +223,7 @@ class _FakeLearners:
         self.calls.append("recompute_old_logprobs")
         return batch
 
-    def update(self, *, batch, step, phase, loss_weight=1.0):
+    def update(self, *, batch, step, phase, loss_weight=1.0, own_logp_old=False):
         self.calls.append(f"update:{phase}:{batch.rows}")
         return {"loss": 0.5}
 
@@ -264,9 +264,9 @@ def test_a_step_without_one_valid_row_skips_the_update_and_counts_it(trajectorie
     ctl._pending = SimpleNamespace(all=lambda: list(trajectories), counts=counts, wall_seconds=2.0)
     metrics = ctl.step(0)
     usable = any(t.is_valid for t in trajectories)
-    assert learners.calls == (
-        ["recompute_old_logprobs", f"update:on_policy:{len(trajectories)}"] if usable else []
-    )
+    # (one epoch of one mini-batch, no SIL: the update's own log-probs are logp_old)
+    assert ctl.recipe.logp_old == "update"
+    assert learners.calls == ([f"update:on_policy:{len(trajectories)}"] if usable else [])
     assert metrics["update/skipped_no_valid_rows"] == int(not usable)
     assert metrics["rollout/groups_dropped"] == 4 and metrics["rollout/worker_restarts"] == 1
     assert metrics["infra_failures"] == infra_failures

@@ -319,3 +319,44 @@ def test_log_probs_are_those_of_the_tempered_distribution(temperature):
     entropy = token_entropy(logits, temperature)
     p = torch.softmax(logits[0, 2] / temperature, -1)
     assert entropy[0, 3].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-10)
+
+
+# ----------------------------------------------------------------------------- logp_old
+
+
+def test_the_updates_own_log_probs_are_the_recomputed_logp_old():
+    """With one epoch of one mini-batch the recompute before the update gives exactly the
+    update's own detached log-probs, so the learner may skip it (Recipe.logp_old "update")."""
+    model = tiny_model()
+    batch = make_batch(8, [6, 9, 5])
+    settings = _settings("seq-mean-token-sum-norm", cov_mode="clip-cov")
+    divisors = loss_divisors(batch.loss_mask)
+    logits = model(input_ids=batch.input_ids).logits
+    recomputed = dataclasses.replace(
+        batch,
+        old_logprobs=token_logprobs(logits.detach(), batch.input_ids, settings.temperature)
+        * batch.loss_mask,
+    )
+    gen = torch.Generator().manual_seed(0)
+    a = micro_batch_loss(logits, recomputed, settings, divisors, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    b = micro_batch_loss(logits, batch, settings, divisors, generator=gen, own_logp_old=True)
+    assert a.loss.item() == b.loss.item() and a.sums == b.sums
+    assert b.sums["approx_kl"] == 0.0  # ratio 1 everywhere
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["learner.mini_batches_per_step=1", "algo.sil.enabled=false"], "update"),
+        (["learner.mini_batches_per_step=4", "algo.sil.enabled=false"], "recompute"),
+        (
+            ["learner.mini_batches_per_step=1", "learner.ppo_epochs=2", "algo.sil.enabled=false"],
+            "recompute",
+        ),
+        (["learner.mini_batches_per_step=1"], "recompute"),  # the buffer stores them
+        (["learner.mini_batches_per_step=1", "learner.logp_old=behaviour"], "behaviour"),
+    ],
+)
+def test_the_recompute_is_skipped_only_where_it_provably_equals_the_updates(overrides, expected):
+    assert Recipe.from_config(load_config(None, overrides)).logp_old == expected
