@@ -66,6 +66,7 @@ RESUMABLE_FIELDS = (
     "resources.cpus_per_learner",
     "resources.cpus_per_rollout_worker",
     "resources.placement_strategy",
+    "resources.threads_per_*",
 )
 
 # HF weight files; a directory with config.json and one of these is a model directory.
