@@ -160,6 +160,22 @@ def reference_logp_entropy(model, batch: TrainBatch) -> tuple[torch.Tensor, torc
     return torch.cat([zero, logp], 1), torch.cat([zero, entropy], 1)
 
 
+def reference_pg_losses(config: SpearConfig, logp: torch.Tensor, batch: TrainBatch):
+    """Per-token PPO-clip losses (no Clip-Cov) of `batch` at log-probs `logp`, plain torch."""
+    pl = config.algo.policy_loss
+    return compute_policy_loss(
+        "none",
+        logp,
+        batch.old_logprobs,
+        batch.advantages,
+        batch.loss_mask.bool(),
+        clip_low=pl.clip_low,
+        clip_high=pl.clip_high,
+        dual_clip=pl.dual_clip_c,
+        log_ratio_clamp=pl.log_ratio_clamp,
+    ).per_token_loss
+
+
 def reference_update(
     config: SpearConfig, model, batch: TrainBatch, step: int
 ) -> tuple[list[float], list[float]]:
@@ -185,20 +201,10 @@ def reference_update(
             start += size
             mask = mini.loss_mask.bool()
             logp, entropy = reference_logp_entropy(model, mini)
-            out = compute_policy_loss(
-                "none",
-                logp,
-                mini.old_logprobs,
-                mini.advantages,
-                mask,
-                clip_low=pl.clip_low,
-                clip_high=pl.clip_high,
-                dual_clip=pl.dual_clip_c,
-                log_ratio_clamp=pl.log_ratio_clamp,
-            )
+            per_token = reference_pg_losses(config, logp, mini)
             # every row of the mini-batch counts in the divisor, masked ones too (the reference's)
             norm["num_sequences"] = mini.rows
-            loss = aggregate_loss(out.per_token_loss, mask, pl.aggregation, **norm)
+            loss = aggregate_loss(per_token, mask, pl.aggregation, **norm)
             loss = loss + entropy_loss(entropy, mask, pl.aggregation, coef=pl.entropy_coef, **norm)
             optimizer.zero_grad()
             loss.backward()
@@ -452,23 +458,13 @@ def test_a_replayed_row_weighs_what_an_on_policy_row_weighs(learners, model_dir)
     mask = replay.loss_mask.bool()
     with torch.no_grad():
         logp, entropy = reference_logp_entropy(model, replay)
-    out = compute_policy_loss(
-        "none",
-        logp,
-        replay.old_logprobs,
-        replay.advantages,
-        mask,
-        clip_low=pl.clip_low,
-        clip_high=pl.clip_high,
-        dual_clip=pl.dual_clip_c,
-        log_ratio_clamp=pl.log_ratio_clamp,
-    )
+    per_token = reference_pg_losses(config, logp, replay)
     norm = {"norm_length": config.rollout.max_response_tokens, "num_sequences": m}
-    pg = aggregate_loss(out.per_token_loss, mask, pl.aggregation, **norm)
+    pg = aggregate_loss(per_token, mask, pl.aggregation, **norm)
     ent = entropy_loss(entropy, mask, pl.aggregation, coef=pl.entropy_coef, **norm)
     assert metrics["pg_loss"] == pytest.approx(pg.item(), rel=1e-5)
     assert metrics["loss"] == pytest.approx((pg + ent).item(), rel=1e-5)
     # the old divisor, the replay's own rows with loss tokens (3: make_batch filters one row)
     own_rows = {**norm, "num_sequences": int(mask.any(dim=-1).sum())}
-    old = aggregate_loss(out.per_token_loss, mask, pl.aggregation, **own_rows)
+    old = aggregate_loss(per_token, mask, pl.aggregation, **own_rows)
     assert old.item() == pytest.approx(pg.item() * m / 3) and abs(pg.item()) > 1e-6
