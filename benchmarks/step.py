@@ -156,12 +156,12 @@ def measure_weight_sync(controller: Controller, repeats: int) -> dict[str, float
         publish.append(t1 - t0)
         load.append(t2 - t1)
         del weights  # drop the refs so the object store frees the buckets
-    controller.weight_version += repeats
-    for _ in range(max(repeats, 5)):
+        # the copy right after each sync, so drift of a shared machine hits both alike
         t0 = time.perf_counter()
         copy = {name: tensor.clone() for name, tensor in state.items()}
         memcpy.append(time.perf_counter() - t0)
         del copy
+    controller.weight_version += repeats
     sync = [p + q for p, q in zip(publish, load, strict=True)]
     return {
         "bytes": nbytes,
@@ -170,6 +170,7 @@ def measure_weight_sync(controller: Controller, repeats: int) -> dict[str, float
         "load_s": statistics.median(load),
         "sync_s": statistics.median(sync),
         "memcpy_s": statistics.median(memcpy),
+        "sync_vs_memcpy": statistics.median(a / b for a, b in zip(sync, memcpy, strict=True)),
     }
 
 

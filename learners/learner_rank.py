@@ -505,11 +505,13 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ weights
 
-    def full_state_dict(self) -> dict[str, Tensor] | None:
+    def full_state_dict(self, *, copy: bool = True) -> dict[str, Tensor] | None:
         """The full weights on rank 0 (in the training dtype, on CPU); None on other ranks.
 
         Collective under ZeRO-3 (the partitions are gathered layer by layer). Tied parameters
-        appear once, under their first name (engines and HF loaders re-tie them).
+        appear once, under their first name (engines and HF loaders re-tie them). copy=False
+        may return the live parameters (CPU, ZeRO 0-2): only for a caller that copies them
+        before the next update (publish_weights packs them into buckets at once).
         """
         self._require_setup()
         if self.zero_stage == 3:
@@ -527,13 +529,13 @@ class LearnerRank:
             if tensor.data_ptr() in seen:
                 continue
             seen.add(tensor.data_ptr())
-            result[name] = tensor.detach().to("cpu", copy=True)
+            result[name] = tensor.detach().to("cpu", copy=copy)
         return result
 
     def publish_weights(self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Any] | None:
         """Rank 0: the full weights as bucket ObjectRefs in the Ray object store (see
         learners.weight_sync); None on other ranks. Collective under ZeRO-3."""
-        state = self.full_state_dict()
+        state = self.full_state_dict(copy=False)  # packing the buckets copies them
         if state is None:
             return None
         # In the rollout engines' dtype (model.dtype): on CPU the learner trains in fp32 while a

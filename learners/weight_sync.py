@@ -17,6 +17,7 @@ decides it, with a machine to measure it on.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,10 +78,19 @@ def pack_bucket(specs: list[TensorSpec], tensors: Mapping[str, Tensor]) -> np.nd
     return buffer.numpy()
 
 
-def unpack_bucket(specs: list[TensorSpec], buffer: np.ndarray) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) of one bucket. Each tensor is a fresh copy: buffers that come out of the
-    object store are read-only shared memory, and engines may keep what they are given."""
-    data = torch.from_numpy(np.array(buffer, copy=True))  # one writable copy per bucket
+def unpack_bucket(
+    specs: list[TensorSpec], buffer: np.ndarray, *, copy: bool = True
+) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of one bucket. By default each tensor is a fresh copy: buffers that come
+    out of the object store are read-only shared memory, and a consumer may keep what it is
+    given. copy=False gives read-only views of the buffer, for a consumer that copies them into
+    its own parameters at once (a vLLM engine's reload does): one copy of the model less."""
+    if copy:
+        data = torch.from_numpy(np.array(buffer, copy=True))  # one writable copy per bucket
+    else:
+        with warnings.catch_warnings():  # read-only memory: the consumer only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(buffer)
     for spec in specs:
         dtype = getattr(torch, spec.dtype)
         if spec.nbytes == 0:
@@ -135,11 +145,13 @@ class BucketedWeights:
 
     async def fetch(self) -> list[tuple[str, Tensor]]:
         """All (name, tensor) pairs, each bucket awaited: inside an async actor the event loop
-        keeps serving other calls meanwhile (a blocking ray.get would stop it)."""
+        keeps serving other calls meanwhile (a blocking ray.get would stop it). The tensors are
+        read-only views of the object store's memory: copy what you keep."""
         tensors: list[tuple[str, Tensor]] = []
         for ref in self.refs:
             specs, buffer = await ref
-            tensors.extend(unpack_bucket(specs, buffer))
+            # views, not copies: the rollout worker's engine copies them into its parameters
+            tensors.extend(unpack_bucket(specs, buffer, copy=False))
         return tensors
 
     def __len__(self) -> int:

@@ -104,3 +104,13 @@ def test_metric_reductions_are_declared_and_reduce():
     with pytest.raises(KeyError, match="no declared reduction"):
         reduce_metrics([{"surprise": 1.0}])
     assert math.isnan(reduce_metrics([{"loss": float("nan")}, {"loss": 1.0}])["loss"])
+
+
+def test_views_for_a_consumer_that_copies_share_the_read_only_buffer():
+    sd = {"a": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.bfloat16)}
+    (specs,) = plan_buckets(sd.items())
+    buf = pack_bucket(specs, sd)
+    buf.setflags(write=False)  # as it comes out of the object store
+    views = dict(unpack_bucket(specs, buf, copy=False))
+    assert all(torch.equal(views[k], sd[k]) for k in sd)
+    assert views["a"].data_ptr() == torch.from_numpy(buf).data_ptr()  # no copy
