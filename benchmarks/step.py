@@ -22,8 +22,9 @@ What is measured, and how:
 - Weight sync: LearnerGroup.publish_weights (rank 0 gathers, packs buckets, puts them in the
   object store) + RolloutGroup.update_weights (the worker fetches, unpacks and loads them into
   vLLM), timed directly `--sync-repeats` times, against a plain in-memory copy of the same state
-  dict in this process (`{k: v.clone()}`). weight_sync_vs_memcpy = sync s / memcpy s, i.e. how
-  many times slower than a memcpy the sync is (1.0 would be memcpy speed).
+  dict in this process (`{k: v.clone()}`), each copy timed right after a sync.
+  weight_sync_vs_memcpy = the median of the paired sync s / memcpy s, i.e. how many times slower
+  than a memcpy the sync is (1.0 would be memcpy speed).
 - Learner tokens/s: LearnerGroup.update(phase="on_policy") on one fixed TrainBatch (a fresh
   rollout of step 0's tasks, every row trainable, seeded +-1 advantages), timed from the driver
   (Ray calls and batch transfer included), against a plain single-process torch loop in this
@@ -367,7 +368,7 @@ def report(results: dict) -> None:
         f"experience phase, SPEAR - GRPO (same code in both, so noise): "
         f"{1000 * (spear['experience'] - grpo['experience']):+.1f} ms/step"
     )
-    mb, vs_memcpy = sync["bytes"] / 1e6, sync["sync_s"] / sync["memcpy_s"]
+    mb, vs_memcpy = sync["bytes"] / 1e6, sync["sync_vs_memcpy"]
     print(
         f"weight sync of {mb:.2f} MB ({sync['tensors']} tensors): "
         f"{sync['sync_s'] * 1000:.1f} ms (publish {sync['publish_s'] * 1000:.1f} + "

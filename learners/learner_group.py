@@ -256,7 +256,7 @@ class LearnerGroup:
         # ceil(rows / M) mini-batches: the on-policy batch gives learner.mini_batches_per_step,
         # a replay batch is cut into mini-batches of the on-policy size M.
         rows_per_mini_batch = self.spec.loss(phase).rows_per_mini_batch
-        mini_batches = min(num_mini_batches(batch.rows, rows_per_mini_batch), batch.rows)
+        mini_batches = num_mini_batches(batch.rows, rows_per_mini_batch)  # <= rows
         kwargs = [
             {
                 "batch": batch.select(rows),

@@ -34,9 +34,6 @@ from torch import Tensor
 
 from spear_ray.algo.advantages import group_mean_std
 
-FILTER_SCOPES = ("turn", "trajectory")
-REASONS = ("void_turn", "overlong", "repetitive", "unreadable")
-
 
 @dataclass(frozen=True)
 class DrBoTChecks:

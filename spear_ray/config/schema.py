@@ -414,10 +414,6 @@ class BufferConfig(Section):
         1, ge=1, description="Write the buffer's durable checkpoint every N steps."
     )
 
-    @property
-    def trigger_rows(self) -> float:
-        return self.trigger_factor * self.size
-
 
 # ----------------------------------------------------------------------------- learner
 
