@@ -123,8 +123,13 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ConfigError(f"{where}: YAML syntax error: {yaml_problem(err)}") from None
-    if data is None:
-        return {}, {}
+    if data is None or data == {}:
+        # A file that sets nothing would silently train on every default: almost always the
+        # wrong file, or one whose content was lost.
+        raise ConfigError(
+            f"{path}: the config file sets nothing (it is empty or holds only comments); give it "
+            "at least one section (model:, rollout:, ...) or name a preset with --config"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}:1: the top level must be a mapping of sections (model:, rollout:, ...)"

@@ -277,6 +277,20 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "{}\n"])
+def test_a_config_file_that_sets_nothing_is_an_error(tmp_path, capsys, text):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match="sets nothing") as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert main(["config", "check", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "ok" not in out and len(err.strip().splitlines()) == 1 and str(path) in err
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(path), f"run.runs_dir={runs}"]) == 2
+    assert not runs.exists()  # refused before any run directory is made
+
+
 def test_config_literals_match_the_algo_registries():
     """A variant the config accepts must exist in spear_ray.algo, and vice versa."""
     from typing import get_args
@@ -423,9 +437,10 @@ def test_rollout_worker_threads_reach_the_engine_process():
     from actors.rollout_group import rollout_actor_options
     from spear_ray.recipe import rollout_spec
 
-    default = rollout_actor_options(rollout_spec(load_config("demo")), 0)
+    unset = load_config("demo", ["resources.threads_per_rollout_worker=0"])
+    default = rollout_actor_options(rollout_spec(unset), 0)
     assert "runtime_env" not in default and default["num_cpus"] == 1.0
-    threaded = load_config("demo", ["resources.threads_per_rollout_worker=2"])
+    threaded = load_config("demo", ["resources.threads_per_rollout_worker=3"])
     options = rollout_actor_options(rollout_spec(threaded), 0)
-    assert options["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "2"}}
+    assert options["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "3"}}
     assert options["num_cpus"] == 1.0  # the reservation is unchanged
