@@ -107,6 +107,7 @@ def main(config_path: str, steps: int) -> None:
         ]
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         outs = llm.generate(requests, params, use_tqdm=False)
+        t_generated = time.perf_counter()
         trajectories, rewards = [], []
         for k, (ids, out) in enumerate(zip(prompts, outs, strict=True)):
             gen = list(out.outputs[0].token_ids)
@@ -137,6 +138,7 @@ def main(config_path: str, steps: int) -> None:
         divisors = mini_batch_divisors(
             float(batch.rows), float(loss_divisors(batch.loss_mask)["num_tokens"]), batch.rows
         )
+        t_update = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         for micro in micro_batches(batch, learner.tokens_per_micro_batch):
             logits = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
@@ -147,6 +149,7 @@ def main(config_path: str, steps: int) -> None:
             micro_batch_loss(logits, micro, loss, divisors).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), learner.grad_clip)
         optimizer.step()
+        t_sync = time.perf_counter()
         # the new weights into the engine, in place
         dtype = getattr(torch, config.model.dtype)
         state = [(name, t.detach().to(dtype)) for name, t in model.state_dict().items()]
@@ -154,7 +157,16 @@ def main(config_path: str, steps: int) -> None:
         llm.reset_prefix_cache()
         seconds = time.perf_counter() - t0
         tokens = sum(sum(t.loss_mask) for t in trajectories)
-        print(json.dumps({"step": step, "seconds": seconds, "tokens": tokens}), flush=True)
+        phases = {
+            "rollout": t_generated - t0,
+            "experience": t_update - t_generated,
+            "update": t_sync - t_update,
+            "sync_weights": time.perf_counter() - t_sync,
+        }
+        print(
+            json.dumps({"step": step, "seconds": seconds, "tokens": tokens, "phases": phases}),
+            flush=True,
+        )
 
 
 def _steps(per_round: int):

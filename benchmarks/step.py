@@ -507,16 +507,16 @@ def measure_vs_single_process(args: argparse.Namespace, runs_dir: str) -> dict:
         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
     )
 
-    def baseline_round() -> list[float]:
+    def baseline_round() -> list[dict]:
         baseline.stdin.write("go\n")
         baseline.stdin.flush()
-        seconds = []
+        rows = []
         for line in baseline.stdout:
             row = json.loads(line) if line.startswith("{") else {}
             if "round_done" in row:
-                return seconds[1:]
+                return rows[1:]
             if "seconds" in row:
-                seconds.append(row["seconds"])
+                rows.append(row)
         raise RuntimeError(f"single-process loop ended (exit {baseline.wait()})")
 
     for line in baseline.stdout:  # set up before anything is timed
@@ -532,14 +532,16 @@ def measure_vs_single_process(args: argparse.Namespace, runs_dir: str) -> dict:
         },
     )
     spear_steps: list[float] = []
-    single_steps: list[float] = []
+    single_steps: list[dict] = []
     phases: list[dict] = []
+    cpu = {name: {"spear": 0.0, "single": 0.0} for name in ("user", "system", "idle")}
     try:
         controller = Controller(config, RunDir.create(config), pad_token_id(config), log=log)
         try:
             controller.rollouts.health()
             t = 0
             for round_index in range(args.rounds):
+                before = machine_cpu_seconds()
                 for k in range(args.steps + 1):
                     t0 = time.perf_counter()
                     metrics = controller.step(t)
@@ -547,11 +549,16 @@ def measure_vs_single_process(args: argparse.Namespace, runs_dir: str) -> dict:
                         spear_steps.append(time.perf_counter() - t0)
                         phases.append(metrics)
                     t += 1
+                between = machine_cpu_seconds()
                 single_steps += baseline_round()
+                after = machine_cpu_seconds()
+                for name in cpu:
+                    cpu[name]["spear"] += (between[name] - before[name]) / (args.steps + 1)
+                    cpu[name]["single"] += (after[name] - between[name]) / (args.steps + 1)
                 log(
                     f"[round {round_index + 1}/{args.rounds}] spear-ray "
                     f"{statistics.median(spear_steps):.3f} s/step, single process "
-                    f"{statistics.median(single_steps):.3f} s/step"
+                    f"{statistics.median(r['seconds'] for r in single_steps):.3f} s/step"
                 )
         finally:
             controller.shutdown()
@@ -561,16 +568,44 @@ def measure_vs_single_process(args: argparse.Namespace, runs_dir: str) -> dict:
         baseline.wait(timeout=120)
     return {
         "step_s": statistics.median(spear_steps),
-        "single_process_step_s": statistics.median(single_steps),
+        "single_process_step_s": statistics.median(r["seconds"] for r in single_steps),
         "phases": phase_seconds(phases),
+        "single_process_phases": {
+            name: statistics.fmean(r["phases"][name] for r in single_steps)
+            for name in single_steps[0]["phases"]
+        },
+        "cpu_per_step": {
+            name: {side: v / args.rounds for side, v in sides.items()}
+            for name, sides in cpu.items()
+        },
+    }
+
+
+def machine_cpu_seconds() -> dict[str, float]:
+    """The whole machine's CPU seconds so far (/proc/stat), by kind: user (incl. nice),
+    system (incl. irq, softirq) and idle (incl. iowait), summed over cores."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = fields
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        "user": (user + nice) / hz,
+        "system": (system + irq + softirq) / hz,
+        "idle": (idle + iowait) / hz,
     }
 
 
 def report_vs_single_process(results: dict) -> None:
     step, single = results["step_s"], results["single_process_step_s"]
-    print(f"{'phase (mean s/step)':22} {'spear-ray':>9}")
+    single_phases = results["single_process_phases"]
+    print(f"{'phase (mean s/step)':22} {'spear-ray':>9} {'single process':>14}")
     for name, seconds in results["phases"].items():
-        print(f"{name:22} {seconds:9.3f}")
+        other = f"{single_phases[name]:14.3f}" if name in single_phases else f"{'':>14}"
+        print(f"{name:22} {seconds:9.3f} {other}")
+    for name, sides in results["cpu_per_step"].items():
+        print(
+            f"machine {name} CPU s/step (round mean, warm-up step included): spear-ray "
+            f"{sides['spear']:.3f}, single process {sides['single']:.3f}"
+        )
     print(
         f"spear-ray step {step:.3f} s vs single process {single:.3f} s: ratio "
         f"{step / single:.2f} (aim <= 0.8 on CPU), cpus={os.cpu_count()}"
@@ -581,6 +616,10 @@ def report_vs_single_process(results: dict) -> None:
                 "step_s": round(step, 4),
                 "single_process_step_s": round(single, 4),
                 "step_ratio": round(step / single, 3),
+                "system_cpu_s_per_step": round(results["cpu_per_step"]["system"]["spear"], 4),
+                "single_process_system_cpu_s_per_step": round(
+                    results["cpu_per_step"]["system"]["single"], 4
+                ),
             }
         )
     )

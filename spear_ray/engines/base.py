@@ -36,8 +36,10 @@ class Generation:
     """One sampled continuation."""
 
     token_ids: list[int]
-    # logprobs[i] = log_softmax(raw logits)[token_ids[i]] given prompt + token_ids[:i]: the
-    # model's own log-prob before temperature/top-p (= the sampling distribution at T=1, top_p=1)
+    # logprobs[i] = the log-prob of token_ids[i] given prompt + token_ids[:i] under the
+    # distribution it was sampled from: log_softmax(logits / temperature), renormalised over the
+    # top-p nucleus when top_p < 1; raw logits when greedy (vLLM's processed_logprobs;
+    # docs/algorithm.md §1)
     logprobs: list[float]
     finish_reason: Literal["stop", "length", "abort"]
     weight_version: int  # the weights every token was sampled with

@@ -165,16 +165,26 @@ class VLLMEngine:
             disable_log_stats=True,
             **device_args,
         )
-        started = time.perf_counter()
-        self._engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
-        self.startup_s = time.perf_counter() - started
-
         self._ids = itertools.count()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
+        # The engine is built on the thread that steps it, so that one thread in this process
+        # runs all of its OpenMP work. libgomp keeps a thread pool per thread that starts
+        # parallel regions; with two pools (the builder's and the stepper's) it has more threads
+        # than cores and throttles its spin-wait to almost nothing, and every small matmul then
+        # pays a sleep/wake-up: generation on 2 threads ran ~1.5x slower than on 1.
+        started = time.perf_counter()
+        built: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(lambda: LLMEngine.from_engine_args(args, enable_multiprocessing=False), built),
+            name="vllm-engine",
+            daemon=True,
+        )
         self._thread.start()
+        self._engine = built.result()  # re-raises what the build raised
+        self.startup_s = time.perf_counter() - started
 
     # ------------------------------------------------------------------ the Engine contract
 
@@ -213,9 +223,7 @@ class VLLMEngine:
             raise ValueError(
                 f"update_weights: version {version} is older than the loaded {self.weight_version}"
             )
-        # In the engine's dtype: the learner may train in another (fp32 on CPU), and vLLM would
-        # cast each tensor itself with a warning per weight.
-        tensors = [(name, t.detach().to(self.dtype)) for name, t in named_tensors]
+        tensors = [(name, t.detach()) for name, t in named_tensors]
         self._validate(tensors)
         tensors = _with_tied_lm_head(tensors, self._tied_embeddings)
         update = _Update(tensors, version, concurrent.futures.Future())
@@ -237,7 +245,13 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ the engine thread
 
-    def _run(self) -> None:
+    def _run(self, build_engine, built: concurrent.futures.Future) -> None:
+        try:
+            self._engine = build_engine()
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(self._engine)
         waiting: deque[_Request] = deque()  # not yet admitted (an update is pending)
         updates: deque[_Update] = deque()
         live: dict[str, _Request] = {}  # admitted to vLLM, not finished
@@ -372,6 +386,10 @@ class VLLMEngine:
         update.future.set_result(None)
 
     def _reload(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        # In the engine's dtype: the learner may train in another (fp32 on CPU), and vLLM would
+        # cast each tensor itself with a warning per weight. Cast here, on the engine thread,
+        # like all of this process's tensor work (see __init__).
+        named_tensors = [(name, t.to(self.dtype)) for name, t in named_tensors]
         self._engine.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self._engine.reset_prefix_cache()  # cached KV blocks came from the old weights
 

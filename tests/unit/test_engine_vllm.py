@@ -264,6 +264,27 @@ def test_missing_model_path_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_an_engine_that_fails_to_build_raises_in_the_constructor(tmp_path, pair):
+    """The engine is built on its own stepping thread (one OpenMP thread pool per process,
+    spear_ray/engines/vllm_engine.py): a build error must still reach the caller, and no
+    engine thread may stay behind."""
+    import json
+    import shutil
+    import threading
+
+    model_dir = tmp_path / "broken"
+    shutil.copytree(pair.vllm.model_path, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    before = {t.ident for t in threading.enumerate() if t.name == "vllm-engine"}
+    with pytest.raises(Exception, match="no-such-model"):
+        VLLMEngine(model_dir, dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.25)
+    after = {t.ident for t in threading.enumerate() if t.name == "vllm-engine"}
+    assert after == before
+    # the module's engine is unharmed
+    assert asyncio.run(pair.vllm.generate(prompt(0), GREEDY)).token_ids
+
+
 def test_a_bad_request_fails_alone(engines):
     async def scenario():
         return await asyncio.gather(
