@@ -9,14 +9,17 @@
 3. otherwise the symbolic backend: HuggingFace `math-verify` when it is installed (sets, tuples,
    intervals, radicals, pi, ...), else a small sympy fallback (`verifier="sympy"` forces it).
 
-math-verify times its work out with SIGALRM, which only works on the main thread; elsewhere it
-runs without a time limit.
+`answers_match` has no time or memory limit of its own (math-verify times its work out with
+SIGALRM, which only works on the main thread). Rewards use
+`spear_ray.envs.answer_check.bounded_answers_match`: `quick_match` (steps 1-2, bounded) in
+process, `symbolic_match` (step 3) in a child process with a time and memory budget.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import unicodedata
 from fractions import Fraction
 from functools import lru_cache
 from typing import Literal
@@ -50,8 +53,41 @@ def extract_boxed(text: str) -> str | None:
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 
 
+# Characters that look like ASCII ones and mean the same in an answer.
+_LOOK_ALIKES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00b7": "*"})
+
+
+def _plain_text(s: str) -> str:
+    """NFKC (fullwidth digits and letters -> ASCII), dash look-alikes -> '-', and invisible
+    format characters (zero-width spaces, direction marks) dropped."""
+    s = unicodedata.normalize("NFKC", s).translate(_LOOK_ALIKES)
+    return "".join(ch for ch in s if unicodedata.category(ch) != "Cf")
+
+
+def strip_outer_braces(s: str) -> str:
+    """`{{{1}}}` -> `1`: drop brace pairs that enclose the whole string, in one pass (a crafted
+    answer may nest thousands deep). Unbalanced strings are returned unchanged."""
+    lead = len(s) - len(s.lstrip("{"))
+    trail = len(s) - len(s.rstrip("}"))
+    pairs = min(lead, trail)
+    if not pairs:
+        return s
+    depth, lowest = 0, pairs
+    for i, ch in enumerate(s):
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            return s
+        if lead <= i < len(s) - trail:  # the inner part: the outer pairs stay open over it
+            lowest = min(lowest, depth)
+    if depth != 0:
+        return s
+    if lead == len(s) - trail:  # nothing inside but braces: `{}`, `{{}}`
+        lowest = pairs
+    return s[lowest : len(s) - lowest]
+
+
 def normalize(ans: str) -> str:
-    s = ans.strip()
+    s = strip_outer_braces(_plain_text(ans).strip())
     s = _TEXT_WRAP.sub(r"\1", s)
     for a, b in (
         ("\\left", ""),
@@ -96,18 +132,38 @@ def as_rational(s: str) -> Fraction | None:
 
 
 def answers_match(pred: str | None, gold: str, verifier: VerifierName = "auto") -> bool:
-    """True when `pred` and `gold` denote the same mathematical value."""
+    """True when `pred` and `gold` denote the same mathematical value (no time limit: see the
+    module docstring)."""
     if pred is None or not pred.strip():
         return False
+    quick = quick_match(pred, gold)
+    return quick if quick is not None else symbolic_match(pred, gold, verifier)
+
+
+def quick_match(pred: str, gold: str) -> bool | None:
+    """Steps 1-2: True/False when normalised text or exact rationals decide, else None. Linear
+    in the answers' length (Python refuses integers of more than 4300 digits: not rational)."""
     p, g = normalize(pred), normalize(gold)
+    if not p:
+        return False
     if p == g:
         return True
     rp, rg = as_rational(p), as_rational(g)
     if rp is not None and rg is not None:
         return rp == rg
+    return None
+
+
+def symbolic_match(pred: str, gold: str, verifier: VerifierName = "auto") -> bool:
+    """Step 3: math-verify (when installed and allowed) or the sympy fallback. Unbounded."""
     if verifier in ("auto", "math_verify") and _math_verify_available(verifier == "math_verify"):
-        return _math_verify_match(pred, gold)
-    return _sympy_match(p, g)
+        # math-verify parses LaTeX itself: give it the text, not normalize()'s squeezed form
+        return _math_verify_match(_unwrapped(pred), _unwrapped(gold))
+    return _sympy_match(normalize(pred), normalize(gold))
+
+
+def _unwrapped(s: str) -> str:
+    return strip_outer_braces(_plain_text(s).strip())
 
 
 @lru_cache(maxsize=1)

@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from spear_ray.envs.answer_check import bounded_answers_match
 from spear_ray.envs.base import EnvError, EnvInfo, StepResult
 from spear_ray.envs.math_data import (
     LEVELS,
@@ -33,7 +34,7 @@ from spear_ray.envs.math_data import (
     generate_problem,
     load_problems_cached,
 )
-from spear_ray.envs.math_verifier import VerifierName, answers_match, find_boxed
+from spear_ray.envs.math_verifier import VerifierName, find_boxed
 from spear_ray.sandbox.result import ExecResult
 
 ENV_NAME = "python_math"
@@ -103,6 +104,19 @@ class PythonMathOptions(BaseModel):
     )
     verifier: VerifierName = Field(
         "auto", description="Answer checker: auto (math-verify if installed, else sympy)."
+    )
+    verifier_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="Time budget of one answer's symbolic check (in a child process); past it "
+        "the answer is wrong. Crafted answers (2^{10^9}, 10^9!) would otherwise hang a reward.",
+    )
+    verifier_memory_mb: int = Field(
+        512,
+        ge=128,
+        description="Address-space limit (MB) of the answer-checking child process; an answer "
+        "whose check needs more is wrong.",
     )
     correct_reward: float = Field(1.0, description="Task reward for a correct final answer.")
     wrong_reward: float = Field(-1.0, description="Task reward for a wrong or missing answer.")
@@ -271,7 +285,13 @@ class PythonMathEnv:
         kind, content = parse_turn(action_text, o.tool_call_syntax, o.code_tag)
         extra: dict = {"turn": self.turns, "kind": kind, "source": self.problem.source}
         if kind == "answer":
-            correct = answers_match(content, self.problem.answer, o.verifier)
+            correct = bounded_answers_match(
+                content,
+                self.problem.answer,
+                o.verifier,
+                timeout_s=o.verifier_timeout_s,
+                memory_mb=o.verifier_memory_mb,
+            )
             self.done = True
             extra.update(answer=content, gold=self.problem.answer, tool_calls=self.tool_calls)
             reward = o.correct_reward if correct else o.wrong_reward
