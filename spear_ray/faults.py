@@ -38,9 +38,10 @@ class RunFault(RuntimeError):
         if self.run_path is None:
             return self.reason
         if self.last_checkpoint is None:
+            # --resume refuses a run without a complete checkpoint: nothing to continue
             return (
-                f"{self.reason}; no checkpoint yet; start the run again with: "
-                f"spear-ray train --resume {self.run_path}"
+                f"{self.reason}; no checkpoint yet, so nothing to resume: run the same command "
+                f"again (remove {self.run_path} first if it is still there)"
             )
         return (
             f"{self.reason}; last checkpoint: {self.last_checkpoint}; continue with: "

@@ -10,9 +10,10 @@
 
 A group of N identical bundles is reserved all at once (Ray places a group atomically), so a
 LearnerGroup or RolloutGroup either gets every bundle or fails with one line: what could not be
-placed, what the cluster has, and which config fields to change. There is no feasibility check
-before waiting: on an autoscaling cluster a request bigger than today's nodes is what makes new
-nodes start, so only the timeout decides.
+placed, what the cluster has, and which config fields to change. On a cluster that can grow (an
+autoscaler) a request bigger than today's nodes is what makes new nodes start, so `reserve` waits
+up to its timeout, with a progress line every PROGRESS_EVERY_S. A local Ray that `connect_ray`
+started cannot grow: `check_fits` compares a run's whole demand with it before anything waits.
 
 Ray is imported here although spear_ray/ is otherwise Ray-free outside the controller and CLI:
 this module is used only by the actor groups (actors/, learners/), never by `import spear_ray`.
@@ -22,21 +23,71 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from spear_ray.faults import RunFault
+
 PLACEMENT_TIMEOUT_S = 120.0  # how long a group may wait for resources (or for nodes to start)
+PROGRESS_EVERY_S = 15.0  # a line while a group waits
+_started_local_ray = False  # set by connect_ray: this process started a local, fixed-size Ray
 SHUTDOWN_TIMEOUT_S = 30.0  # how long kill_actors waits for the actors' own shutdown()
 
 
-class PlacementError(RuntimeError):
+class PlacementError(RunFault):
     """A placement group could not be placed; the one-line message says what was asked for,
-    what the cluster has and which config fields to change."""
+    what the cluster has and which config fields to change (a RunFault: the CLI prints it as
+    one line)."""
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """`count` bundles of one kind a run reserves, and the config fields that set them."""
+
+    what: str
+    bundle: Mapping[str, float]
+    count: int
+    fields: tuple[str, ...]
+
+
+def cluster_can_grow() -> bool:
+    """False when this process started the local Ray it runs on (no autoscaler: its
+    resources are all there will ever be); True otherwise, as nothing rules growth out."""
+    return not _started_local_ray
+
+
+def check_fits(demands: Sequence[Demand]) -> None:
+    """On a cluster that cannot grow, raise PlacementError at once when the demands together
+    need more CPUs or GPUs than the cluster has in total (reserving would wait for its whole
+    timeout first). A cluster that can grow is left to `reserve`."""
+    if cluster_can_grow():
+        return
+    total = ray.cluster_resources()
+    for key in ("CPU", "GPU"):
+        need = sum(d.bundle.get(key, 0.0) * d.count for d in demands)
+        if need > total.get(key, 0.0) + 1e-9:
+            parts = " + ".join(
+                f"{d.count} {d.what} x {d.bundle.get(key, 0.0):g}"
+                for d in demands
+                if d.bundle.get(key, 0.0)
+            )
+            fields = ", ".join(f for d in demands for f in d.fields)
+            raise PlacementError(
+                f"this run needs {need:g} {key}s ({parts}) but the local Ray has "
+                f"{total.get(key, 0.0):g} and cannot grow; lower {fields}, or join a larger "
+                "cluster with --address"
+            )
 
 
 def bundle_of(cpus: float, gpus: float = 0.0) -> dict[str, float]:
@@ -61,6 +112,7 @@ def reserve(
     fields: Sequence[str] = (),
     timeout_s: float = PLACEMENT_TIMEOUT_S,
     name: str = "",
+    log: Callable[[str], None] = _stderr,
 ) -> PlacementGroup:
     """Reserve a placement group of `count` copies of `bundle` and wait until it is placed.
 
@@ -70,21 +122,33 @@ def reserve(
     if count < 1:
         raise ValueError(f"reserve: count must be at least 1, got {count}")
     group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy, name=name)
-    try:
-        ray.get(group.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        keys = sorted({"CPU", "GPU", *bundle})
-        total, free = ray.cluster_resources(), ray.available_resources()
-        remove_placement_group(group)
-        change = ", ".join(fields) if fields else "the resources asked for"
-        asked = _amounts(bundle, bundle)
-        raise PlacementError(
-            f"cannot place {count} {what} within {timeout_s:g} s: {asked} x {count} "
-            f"({strategy}); the cluster has {_amounts(total, keys)} in total, "
-            f"{_amounts(free, keys)} available; lower {change}, change "
-            f"resources.placement_strategy, or add nodes"
-        ) from None
-    return group
+    ready = group.ready()
+    started = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - started)
+        done, _ = ray.wait([ready], timeout=max(0.0, min(PROGRESS_EVERY_S, left)))
+        if done:
+            ray.get(ready)
+            return group
+        if time.monotonic() - started >= timeout_s:
+            break
+        free = _amounts(ray.available_resources(), sorted({"CPU", "GPU", *bundle}))
+        log(
+            f"waiting to place {count} {what} ({_amounts(bundle, bundle)} x {count}): "
+            f"{time.monotonic() - started:.0f} of {timeout_s:g} s, the cluster has {free} free"
+        )
+    # timed out: nothing stays reserved
+    keys = sorted({"CPU", "GPU", *bundle})
+    total, free = ray.cluster_resources(), ray.available_resources()
+    remove_placement_group(group)
+    change = ", ".join(fields) if fields else "the resources asked for"
+    asked = _amounts(bundle, bundle)
+    raise PlacementError(
+        f"cannot place {count} {what} within {timeout_s:g} s: {asked} x {count} "
+        f"({strategy}); the cluster has {_amounts(total, keys)} in total, "
+        f"{_amounts(free, keys)} available; lower {change}, change "
+        f"resources.placement_strategy, or add nodes"
+    )
 
 
 def in_bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
@@ -134,6 +198,8 @@ def connect_ray(address: str | None, log) -> bool:
         log(f"connecting to Ray at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
+        global _started_local_ray
         log("starting a local Ray")
         ray.init(include_dashboard=False, log_to_driver=True)
+        _started_local_ray = True
     return True

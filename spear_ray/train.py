@@ -8,11 +8,12 @@ RUN_DIR/metrics.jsonl and the sinks run.loggers names.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from spear_ray.config import SpearConfig
 from spear_ray.console import OutputMode, TrainOutput, format_duration
-from spear_ray.placement import connect_ray
+from spear_ray.placement import Demand, bundle_of, check_fits, connect_ray
 from spear_ray.preflight import resolve_run  # noqa: F401  (the CLI's: checks, then the run dir)
 from spear_ray.reporting import Reporter
 from spear_ray.run_dir import RunDir
@@ -38,7 +39,13 @@ def run_training(
     started = time.monotonic()
     out = TrainOutput(config.run.total_steps, mode=output, log=log)
     out.notice(f"run directory: {run.path}")
-    reporter = Reporter.open(config, run)  # first: a logger that cannot start fails fast
+    stepped = resume  # a resumed run has trained before; a new one after its first step
+    try:
+        reporter = Reporter.open(config, run)  # first: a logger that cannot start fails fast
+    except BaseException:
+        if not stepped:
+            _remove_unstarted_run(run, out.notice)
+        raise
     controller = None
     try:
         model_dir = resolve_model_path(config.model.path)
@@ -53,6 +60,7 @@ def run_training(
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         connect_ray(address, out.info)
+        check_fits(run_demands(config))  # a local Ray cannot grow: fail now, not in 120 s
         out.info(
             f"starting {config.learner.num_ranks} learner rank(s), "
             f"{config.rollout.num_workers} rollout worker(s), the replay buffer"
@@ -75,6 +83,7 @@ def run_training(
         for t in range(first, config.run.total_steps):
             t0 = time.perf_counter()
             metrics = controller.step(t)
+            stepped = True
             reporter.log(metrics)
             out.step(t, metrics, time.perf_counter() - t0)
             done = t + 1 == config.run.total_steps
@@ -98,6 +107,39 @@ def run_training(
         if controller is not None:
             controller.shutdown()
         reporter.close()
+        if not stepped:
+            _remove_unstarted_run(run, out.notice)
+
+
+def _remove_unstarted_run(run: RunDir, log) -> None:
+    """A new run that failed before its first step holds nothing worth keeping (its config,
+    at most a step-0 evaluation): remove it, so that the same command, fixed, starts it again
+    instead of being refused as an existing run that --resume cannot continue either."""
+    shutil.rmtree(run.path, ignore_errors=True)
+    log(f"removed {run.path}: the run stopped before its first step; the same command starts it")
+
+
+def run_demands(config: SpearConfig) -> list[Demand]:
+    """What a run reserves: one bundle per learner rank and per rollout worker (the replay
+    buffer reserves none)."""
+    from actors.rollout_group import rollout_bundle
+    from spear_ray.recipe import rollout_spec
+
+    res = config.resources
+    return [
+        Demand(
+            "learner ranks",
+            bundle_of(res.cpus_per_learner, res.gpus_per_learner),
+            config.learner.num_ranks,
+            ("learner.num_ranks", "resources.cpus_per_learner"),
+        ),
+        Demand(
+            "rollout workers",
+            rollout_bundle(rollout_spec(config)),
+            config.rollout.num_workers,
+            ("rollout.num_workers", "resources.cpus_per_rollout_worker"),
+        ),
+    ]
 
 
 def _evaluate(controller, reporter: Reporter, *, step: int, out: TrainOutput) -> dict:

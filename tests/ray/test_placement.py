@@ -199,3 +199,38 @@ def test_rollout_group_starts_its_worker_in_its_placement_group(ray_local):
     assert placement_group_table(group)["state"] == "REMOVED"
     assert _wait_for_cpus(free_before) == pytest.approx(free_before)
     rollouts.shutdown()  # a second shutdown is harmless
+
+
+# ----------------------------------------------------------------------------- fixed clusters
+
+
+def test_a_run_a_local_ray_can_never_hold_fails_before_anything_waits(ray_local, monkeypatch):
+    from spear_ray import placement
+    from spear_ray.train import run_demands
+
+    config = load_config("demo", ["learner.num_ranks=2"])  # 2 + 1 CPUs on a 2-CPU Ray
+    monkeypatch.setattr(placement, "_started_local_ray", False)
+    placement.check_fits(run_demands(config))  # a Ray we joined may grow: left to reserve
+    monkeypatch.setattr(placement, "_started_local_ray", True)
+    with pytest.raises(PlacementError) as info:
+        placement.check_fits(run_demands(config))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("this run needs 3 CPUs (2 learner ranks x 1 + 1 rollout workers x 1)")
+    assert "the local Ray has 2 and cannot grow" in message
+    assert "learner.num_ranks" in message and "rollout.num_workers" in message
+    placement.check_fits(run_demands(load_config("demo")))  # 1 + 1 fits
+    assert _no_pending_groups()
+
+
+def test_a_waiting_placement_says_so_while_it_waits(ray_local, monkeypatch):
+    from spear_ray import placement
+
+    monkeypatch.setattr(placement, "PROGRESS_EVERY_S", 0.3)
+    lines: list[str] = []
+    with pytest.raises(PlacementError):
+        reserve({"CPU": 64.0}, 1, what="probes", timeout_s=1.5, log=lines.append)
+    assert lines, "no progress line while waiting"
+    assert all(line.startswith("waiting to place 1 probes ({CPU: 64} x 1): ") for line in lines)
+    assert "the cluster has {CPU: 2, GPU: 0} free" in lines[0]
+    assert _no_pending_groups()

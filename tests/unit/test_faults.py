@@ -51,8 +51,8 @@ def test_a_run_fault_is_one_line_with_the_last_checkpoint_and_the_resume_command
     run = _run(tmp_path)
     fault = RunFault("learner rank 1 died: The actor died\nunexpectedly", run=run)
     assert str(fault) == (
-        f"learner rank 1 died: The actor died unexpectedly; no checkpoint yet; start the run "
-        f"again with: spear-ray train --resume {run.path}"
+        f"learner rank 1 died: The actor died unexpectedly; no checkpoint yet, so nothing to "
+        f"resume: run the same command again (remove {run.path} first if it is still there)"
     )
     with run.checkpoint(4) as d:
         (d / "x").write_text("x")
@@ -152,5 +152,6 @@ def test_cli_prints_a_run_fault_as_one_line_and_exits_1(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.splitlines() == [
         f"spear-ray: error: learner rank 1 died: The actor died unexpectedly; no checkpoint "
-        f"yet; start the run again with: spear-ray train --resume {run.path}"
+        f"yet, so nothing to resume: run the same command again (remove {run.path} first if "
+        "it is still there)"
     ]
