@@ -6,8 +6,12 @@ For each concurrency level (threads sharing one SandboxClient / calling subproce
 exec/s and p50/p99 latency of short snippets for both, and their ratio. Because a shared machine
 distorts wall-clock numbers, it also prints the CPU time each exec cost (client + the whole
 sandbox process tree, or client + the `python -c` children) and how many cores other processes
-kept busy meanwhile. The last line is JSON: `sandbox_exec_s`, `subprocess_exec_s`, `speedup`,
-`sandbox_p99_ms` at the highest concurrency, plus the CPU figures.
+kept busy meanwhile. First it prints the start-up cost of the sandbox's mounts: bwrap running
+/bin/true with the allow list (system dirs, a few files of /etc, the interpreter) against the
+former layout (the whole host read-only, a deny list of dirs hidden), alternating, with the
+same namespaces. The last line is JSON: `sandbox_exec_s`, `subprocess_exec_s`, `speedup`,
+`sandbox_p99_ms` at the highest concurrency, the CPU figures, `server_start_s` and the two
+bwrap start-up medians.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from spear_ray.sandbox import SandboxClient, SandboxConfig
+from spear_ray.sandbox.client import _interpreter_paths, _project_root, _under
 
 SNIPPETS = (
     ("print(sum(i * i for i in range(1000)))", "332833500\n"),
@@ -65,6 +70,68 @@ def _subprocess_call(cfg: SandboxConfig) -> Callable[[str], str]:
 
     return call
 
+
+# ------------------------------------------------------------------- start-up of the mounts
+
+# The former layout hid these dirs of a read-only view of the whole host.
+_OLD_HIDDEN = ("/home", "/root", "/work", "/run", "/mnt", "/media", "/srv")
+
+
+def _old_filesystem_args(cfg: SandboxConfig, python: str) -> list[str]:
+    """The mounts before the allow list: / read-only, a tmpfs over each hidden dir (and the
+    project), the interpreter's dirs under them bound again."""
+    hidden = [p for p in _OLD_HIDDEN if os.path.isdir(p)]
+    project = _project_root()
+    if project is not None and not any(_under(project, h) for h in hidden):
+        hidden.append(project)
+    masked = ["/tmp", "/dev/shm", *hidden]
+    prefixes, sys_path = _interpreter_paths(python)
+    tmp = str(cfg.tmp_size_mb * 2**20)
+    args = ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    args += ["--perms", "0755", "--size", tmp, "--tmpfs", "/tmp"]
+    args += ["--perms", "1777", "--size", tmp, "--tmpfs", "/dev/shm"]
+    for p in hidden:
+        args += ["--tmpfs", p]
+    exposed: list[str] = []
+    for p in sorted({*prefixes, *sys_path}, key=len):
+        if not any(_under(p, h) for h in masked) or any(_under(p, q) for q in exposed):
+            continue
+        if project is not None and _under(p, project) and not any(_under(p, q) for q in prefixes):
+            continue
+        exposed.append(p)
+        args += ["--ro-bind", p, p]
+    return args
+
+
+def _bwrap_start_ms(client: SandboxClient, old: bool) -> float:
+    """Milliseconds for bwrap to set up the sandbox's mounts and namespaces and run /bin/true."""
+    launch = client._command()
+    argv = launch.argv[: launch.argv.index("--")]
+    if old:  # swap the allow-list mounts for the former ones; namespaces and caps unchanged
+        first_ns = argv.index("--unshare-pid")
+        python = launch.argv[launch.argv.index("--") + 1]
+        argv = [argv[0], *_old_filesystem_args(client.config, python), *argv[first_ns:]]
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([*argv, "--", "/bin/true"], check=True, pass_fds=launch.fds)
+        return 1000 * (time.perf_counter() - t0)
+    finally:
+        for fd in launch.fds:
+            os.close(fd)
+
+
+def _mount_startup(cfg: SandboxConfig, runs: int) -> tuple[float, float]:
+    """Median bwrap start-up (ms) with the allow list and with the former layout, alternated
+    so that a busy neighbour slows both alike."""
+    new_ms, old_ms = [], []
+    with SandboxClient(cfg) as client:
+        for _ in range(runs):
+            new_ms.append(_bwrap_start_ms(client, old=False))
+            old_ms.append(_bwrap_start_ms(client, old=True))
+    return statistics.median(new_ms), statistics.median(old_ms)
+
+
+# ------------------------------------------------------------------- calls
 
 _HZ = os.sysconf("SC_CLK_TCK")
 
@@ -142,6 +209,7 @@ def main() -> None:
     parser.add_argument("--isolation", default="bwrap", choices=("bwrap", "none"))
     parser.add_argument("--preload", default=None, help="comma-separated modules to pre-import")
     parser.add_argument("--warm", type=int, default=None, help="sandbox.warm_children")
+    parser.add_argument("--startups", type=int, default=30, help="bwrap start-ups per layout")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     overrides: dict = {"isolation": args.isolation}
@@ -156,10 +224,17 @@ def main() -> None:
           f"preload={list(cfg.preload_modules)} warm_children={cfg.warm_children} "
           f"python={cfg.python or sys.executable}")  # fmt: skip
     rows = {}
+    start_ms = old_start_ms = 0.0
+    if cfg.isolation == "bwrap":
+        start_ms, old_start_ms = _mount_startup(cfg, args.startups)
+        print(f"bwrap start-up (median of {args.startups}): allow list {start_ms:.1f} ms, "
+              f"whole host with hidden dirs {old_start_ms:.1f} ms, ratio "
+              f"{start_ms / old_start_ms:.2f}x")  # fmt: skip
     with SandboxClient(cfg) as sandbox:
         t0 = time.perf_counter()
         sandbox.start()
-        print(f"server start {time.perf_counter() - t0:.2f}s: {sandbox.server_info}")
+        server_start_s = time.perf_counter() - t0
+        print(f"server start {server_start_s:.2f}s: {sandbox.server_info}")
 
         def sb(code: str) -> str:
             result = sandbox.run_python(code)
@@ -203,6 +278,9 @@ def main() -> None:
                 "sandbox_cpu_ms_per_exec": round(s["cpu_ms"], 2),
                 "subprocess_cpu_ms_per_exec": round(p["cpu_ms"], 2),
                 "others_busy_cores": round(s["others_cores"], 2),
+                "server_start_s": round(server_start_s, 2),
+                "bwrap_start_ms": round(start_ms, 1),
+                "bwrap_start_old_layout_ms": round(old_start_ms, 1),
             }
         )
     )

@@ -52,7 +52,9 @@ DEFAULT_PROMPT = (
 
 
 class PythonSandbox(Protocol):
-    """What python_math needs from a sandbox (spear_ray.sandbox.SandboxClient has it)."""
+    """What python_math needs from a sandbox (spear_ray.sandbox.SandboxClient has it). A sandbox
+    that also has `hide(*paths)` is given `data_path`, so the model's code cannot read the gold
+    answers from it."""
 
     def run_python(self, code: str, timeout_s: float | None = None) -> ExecResult: ...
 
@@ -251,6 +253,9 @@ class PythonMathEnv:
             self.problems = load_problems_cached(
                 options.data_path, options.prompt_field, options.answer_field, options.data_split
             )
+            hide = getattr(sandbox, "hide", None)
+            if callable(hide):  # a policy that prints its own problem's answer is reward hacking
+                hide(options.data_path)
         self.problem: MathProblem | None = None
         self.turns = 0
         self.tool_calls = 0

@@ -3,8 +3,12 @@
 One `SandboxClient` is shared by every environment of a process; `run_python` may be called from
 many threads at once and `arun_python` from coroutines. Requests are multiplexed over one pipe
 pair and run in parallel on the server, each in its own forked, uid-dropped, seccomp-filtered
-child. If the server dies, every call in flight returns an `ExecResult` with `infra_error` set
-and the next call starts a new server.
+child, the init of its own pid namespace. If the server dies, every call in flight returns an
+`ExecResult` with `infra_error` set and the next call starts a new server.
+
+The sandbox sees an allow list of host paths (the system dirs, a few files of /etc, the
+interpreter's prefixes and sys.path, sandbox.expose_paths), read-only; nothing else of the host
+exists in it. Paths given to `hide()` (an env's data files) are masked even inside those.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -36,8 +41,27 @@ _HDR = struct.Struct(">I")
 _SERVER_SOURCE = Path(__file__).resolve().with_name("server.py")
 _SERVER_INSIDE = "/tmp/.spear-sandbox/server.py"
 # What the server keeps of root's powers inside bwrap: make and chown scratch dirs, drop to the
-# per-slot uid, kill a call's processes, and delete its files. The child drops all of them.
-_SERVER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE")
+# per-slot uid, kill a call's processes, delete its files, and give each call its own pid and
+# mount namespace (CAP_SYS_ADMIN). The child drops all of them.
+_SERVER_CAPS = (
+    "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE", "CAP_SYS_ADMIN"
+)  # fmt: skip
+# Without root (a user namespace): the calls' namespaces, and CAP_SETPCAP so that each call can
+# empty its bounding set before its code runs.
+_USERNS_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP")
+# The sandbox sees nothing of the host but what the interpreter needs: datasets (with their gold
+# answers) sit anywhere, /data, /opt, /srv, so a deny list always misses one. These system dirs,
+# the interpreter's own paths and sandbox.expose_paths are bound read-only; the rest is absent.
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+# Of /etc, what the dynamic linker and libc read (library cache, time zone, Debian's
+# alternatives symlinks), and stubs for the user and host name lookups.
+_ETC_PATHS = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives")
+_ETC_STUBS = (
+    ("/etc/passwd", "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+    ("/etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+    ("/etc/hostname", "sandbox\n"),
+)  # fmt: skip
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _INSTALL_BWRAP = (
     "install it with `apt-get install -y bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap`, "
@@ -111,14 +135,93 @@ def _project_root() -> str | None:
     return str(root) if (root / "pyproject.toml").exists() else None
 
 
+def _interpreter_binds(python: str, cfg: SandboxConfig, project: str | None) -> list[str]:
+    """Host dirs the sandbox gets besides the system ones: the interpreter's prefixes and
+    sys.path, and sandbox.expose_paths, each at its real path too when reached via a symlink.
+    Never the project's own source tree, which an editable install puts on sys.path."""
+    prefixes, sys_path = _interpreter_paths(python)
+    binds: list[str] = []
+    for p in (*prefixes, *sys_path, *cfg.expose_paths):
+        in_project = project is not None and _under(p, project)
+        if in_project and not any(_under(p, q) for q in prefixes) and p not in cfg.expose_paths:
+            continue
+        for q in (os.path.normpath(p), os.path.realpath(p)):
+            if os.path.exists(q) and q not in binds:
+                binds.append(q)
+    return sorted(binds, key=len)
+
+
+def _layer_of(path: str, layers: list[tuple[str, str]]) -> str | None:
+    """'bind' or 'mask': the kind of the innermost layer over `path` (the later on a tie)."""
+    kind, depth = None, -1
+    for k, q in layers:
+        if _under(path, q) and len(q) >= depth:
+            kind, depth = k, len(q)
+    return kind
+
+
+def _mount_plan(
+    system: list[str], binds: list[str], deny: list[str], data: list[str]
+) -> list[tuple[str, str]]:
+    """The ("bind" | "mask", path) layers of the sandbox's file system, in mount order. The
+    system and interpreter paths are bound; a deny path that lies under one of them is masked,
+    and the interpreter paths under that mask bound again; the data paths come last, so they
+    are masked wherever they are, under the interpreter's own prefix included."""
+    layers: list[tuple[str, str]] = []
+
+    def add(kind: str, paths: list[str]) -> None:
+        for p in paths:
+            if (_layer_of(p, layers) == "bind") != (kind == "bind"):
+                layers.append((kind, p))
+
+    add("bind", [*system, *binds])
+    add("mask", deny)
+    add("bind", binds)
+    add("mask", data)
+    return layers
+
+
+def _parent_dirs(path: str, layers: list[tuple[str, str]], made: set[str]) -> list[str]:
+    """bwrap arguments that create the missing parents of a bind target as 0755 dirs (bwrap
+    makes them 0700 and root's: a call could not reach an interpreter under /root/.pyenv)."""
+    args: list[str] = []
+    for parent in reversed(Path(path).parents):
+        d = str(parent)
+        if d == "/" or d in made or _layer_of(d, layers) == "bind":
+            continue
+        args += ["--perms", "0755", "--dir", d]
+        made.add(d)
+    return args
+
+
+def _data_fd(content: bytes, fds: list[int]) -> str:
+    """A file descriptor bwrap reads `content` from (for --ro-bind-data), kept in `fds`."""
+    fd = os.memfd_create("spear-sandbox")
+    fds.append(fd)
+    os.write(fd, content)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return str(fd)
+
+
+@dataclasses.dataclass
+class _Launch:
+    """How to start one server: its command, environment and options (sent on its stdin), and
+    the file descriptors bwrap reads mount contents from (closed here once it started)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    options: dict
+    fds: list[int]
+
+
 class _ServerProcess:
     """One running server: the process, a reader thread that pairs replies with calls, and a
     thread that keeps the tail of its stderr. The process is spawned from the reader thread,
     which lives as long as the server, because bwrap's --die-with-parent follows the thread."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]):
-        self._argv = argv
-        self._env = env
+    def __init__(self, launch: _Launch, hidden: tuple[str, ...]):
+        self._launch = launch
+        self.hidden = hidden  # the paths this server's mounts hide
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[concurrent.futures.Future, float]] = {}
         self._death: str | None = None
@@ -137,23 +240,29 @@ class _ServerProcess:
     # -------------------------------------------------------------------------- threads
 
     def _main(self) -> None:
+        launch = self._launch
         try:
             self.proc = subprocess.Popen(
-                self._argv,
+                launch.argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=self._env,
+                env=launch.env,
                 start_new_session=True,  # a Ctrl-C in the terminal is not meant for the sandbox
                 close_fds=True,
+                pass_fds=launch.fds,
             )
         except OSError as e:
-            self.error = f"sandbox: cannot start {self._argv[0]}: {e}"
+            self.error = f"sandbox: cannot start {launch.argv[0]}: {e}"
             self.ready.set()
             return
+        finally:
+            for fd in launch.fds:
+                os.close(fd)
         threading.Thread(target=self._drain_stderr, name="sandbox-stderr", daemon=True).start()
         reason = "sandbox server exited"
         try:
+            self._send_options(launch.options)
             hello = self._read_frame()
             if hello is None or "fatal" in hello:
                 self.error = self._startup_error(hello)
@@ -177,6 +286,13 @@ class _ServerProcess:
             if line:
                 self.stderr_tail.append(line)
                 logger.debug("sandbox server: %s", line)
+
+    def _send_options(self, options: dict) -> None:
+        body = json.dumps(options).encode()
+        assert self.proc is not None and self.proc.stdin is not None
+        with contextlib.suppress(OSError):  # a server that died says why on stderr
+            self.proc.stdin.write(_HDR.pack(len(body)) + body)
+            self.proc.stdin.flush()
 
     def _read_frame(self) -> dict | None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -253,6 +369,16 @@ class _ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
 
+    def retire(self, poll_s: float = 0.05) -> None:
+        """Close once every call in flight has its reply (a server replaced by a new one). Each
+        caller waits a bounded time and kills a server that does not answer, so this ends."""
+        while True:
+            with self._lock:
+                if not self._pending or self._death is not None:
+                    break
+            time.sleep(poll_s)
+        self.close()
+
     def close(self, wait_s: float = 5.0) -> None:
         if self.proc is None:
             return
@@ -279,12 +405,14 @@ class SandboxClient:
 
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
-        self.restarts = 0  # servers started after the first one
+        self.restarts = 0  # servers started because the one before died or hung
         self._lock = threading.Lock()
         self._server: _ServerProcess | None = None
         self._ids = itertools.count(1)
         self._closed = False
         self._ever_started = False
+        self._starts = 0
+        self._hidden: tuple[str, ...] = ()
         self._scratch_tmp: str | None = None  # host scratch root for isolation 'none'
 
     # -------------------------------------------------------------------------- lifecycle
@@ -305,6 +433,21 @@ class SandboxClient:
         """The server's hello: pid inside the sandbox, uid_isolation, seccomp, preloaded."""
         srv = self._server
         return dict(srv.info) if srv is not None else {}
+
+    def hide(self, *paths: str) -> None:
+        """Make host paths invisible to sandboxed code wherever they lie, under the interpreter's
+        own directories too: an env's data files, whose answers a policy must not read. A server
+        already running is replaced before the next call (calls in flight finish on it)."""
+        real = {os.path.realpath(os.path.abspath(p)) for p in paths}
+        if real.issubset(self._hidden):  # every env of a worker hides the same file
+            return
+        with self._lock:
+            self._hidden = tuple(sorted(real.union(self._hidden)))
+
+    @property
+    def hidden_paths(self) -> tuple[str, ...]:
+        """The host paths hide() was given (resolved), beyond sandbox.hide_paths."""
+        return self._hidden
 
     def close(self) -> None:
         with self._lock:
@@ -343,8 +486,7 @@ class SandboxClient:
     async def arun_python(self, code: str, timeout_s: float | None = None) -> ExecResult:
         """`run_python` for coroutines: waits on the reply without blocking the event loop."""
         t0 = time.monotonic()
-        srv = self._server
-        if srv is None or not srv.alive:  # starting takes seconds: do it off the loop
+        if not self._current(self._server):  # starting takes seconds: do it off the loop
             submitted = await asyncio.to_thread(self._submit, code, timeout_s, t0)
         else:
             submitted = self._submit(code, timeout_s, t0)
@@ -380,21 +522,26 @@ class SandboxClient:
         srv.kill(msg)
         return _infra(msg, t0)
 
+    def _current(self, srv: _ServerProcess | None) -> bool:
+        """`srv` is up and hides every path hide() was given so far."""
+        return srv is not None and srv.alive and srv.hidden == self._hidden
+
     def _ensure_server(self) -> _ServerProcess:
         srv = self._server
-        if srv is not None and srv.alive:
+        if srv is not None and self._current(srv):
             return srv
         with self._lock:
             if self._closed:
                 raise RuntimeError("SandboxClient is closed")
-            srv = self._server
-            if srv is not None and srv.alive:
-                return srv
-            if srv is not None:
+            old = self._server
+            if old is not None and self._current(old):
+                return old
+            if old is not None and old.alive:
+                logger.info("sandbox: more paths to hide; replacing the server")
+            elif old is not None:
                 self.restarts += 1
-                logger.warning("sandbox server died (%s); starting a new one", srv._death)
-            argv, env = self._command()
-            srv = _ServerProcess(argv, env)
+                logger.warning("sandbox server died (%s); starting a new one", old._death)
+            srv = _ServerProcess(self._command(), self._hidden)
             if not srv.ready.wait(self.config.start_timeout_s):
                 srv.kill("start timeout")
                 raise SandboxUnavailableError(
@@ -405,12 +552,14 @@ class SandboxClient:
                 raise SandboxUnavailableError(srv.error or srv._death or "sandbox: server died")
             self._server = srv
             self._ever_started = True
+            if old is not None and old.alive:
+                threading.Thread(target=old.retire, name="sandbox-retire", daemon=True).start()
             logger.info("sandbox server ready: %s", srv.info)
             return srv
 
     # -------------------------------------------------------------------------- command line
 
-    def _command(self) -> tuple[list[str], dict[str, str]]:
+    def _command(self) -> _Launch:
         cfg = self.config
         python = cfg.python or sys.executable
         if cfg.python and os.sep not in python:
@@ -421,6 +570,7 @@ class SandboxClient:
         opts = {
             "uid_isolation": bwrap and as_root,
             "seccomp": bwrap,
+            "pid_namespaces": bwrap,
             "uid_base": cfg.uid_base,
             "max_concurrent": cfg.max_concurrent,
             "warm_children": cfg.warm_children,
@@ -435,6 +585,7 @@ class SandboxClient:
             "hugepages": cfg.hugepages,
             "scratch_root": "/tmp/spear-scratch",
         }
+        self._starts += 1
         if not bwrap:
             logger.warning(
                 "sandbox.isolation=none: model-written code runs WITHOUT bubblewrap, seccomp or "
@@ -442,11 +593,11 @@ class SandboxClient:
             )
             if self._scratch_tmp is None:
                 self._scratch_tmp = tempfile.mkdtemp(prefix="spear-sandbox-")
-            opts["scratch_root"] = os.path.join(self._scratch_tmp, f"run{self.restarts}")
-        if not bwrap:
-            return [python, "-E", "-s", "-B", str(_SERVER_SOURCE), json.dumps(opts)], env
-        server_argv = [python, "-E", "-s", "-B", _SERVER_INSIDE, json.dumps(opts)]
-
+            opts["scratch_root"] = os.path.join(self._scratch_tmp, f"run{self._starts}")
+            return _Launch([python, "-E", "-s", "-B", str(_SERVER_SOURCE)], env, opts, [])
+        # The options go over stdin, not argv: a call's memory starts as a copy of the server's,
+        # and its /proc/self/cmdline would show them.
+        server_argv = [python, "-E", "-s", "-B", _SERVER_INSIDE]
         bwrap_exe = shutil.which(cfg.bwrap_path)
         if bwrap_exe is None:
             raise SandboxUnavailableError(
@@ -458,50 +609,74 @@ class SandboxClient:
                 "sandbox: not running as root, so calls share this user's uid inside a user "
                 "namespace (no per-call uid, no RLIMIT_NPROC); run as root to isolate calls"
             )
-        hidden = [p for p in cfg.hide_paths if os.path.isdir(p)]
-        project = _project_root()
-        if project is not None and not any(_under(project, h) for h in hidden):
-            hidden.append(project)
-        masked = ["/tmp", "/dev/shm", *hidden]  # host dirs the sandbox replaces with a tmpfs
+        fds: list[int] = []
         try:
-            prefixes, sys_path = _interpreter_paths(python)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise SandboxUnavailableError(f"sandbox: cannot run python {python!r}: {e}") from e
-        exposed: list[str] = []
-        for p in sorted({*prefixes, *sys_path, *cfg.expose_paths}, key=len):
-            if not os.path.exists(p) or not any(_under(p, h) for h in masked):
-                continue  # visible anyway
-            if any(_under(p, q) for q in exposed):
-                continue  # already visible through a parent
-            in_project = project is not None and _under(p, project)
-            if in_project and not any(_under(p, q) for q in prefixes) and p not in cfg.expose_paths:
-                continue  # never the project's own source tree (editable installs)
-            exposed.append(p)
-        tmp_bytes = str(cfg.tmp_size_mb * 2**20)
-        argv = [bwrap_exe, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
-        argv += ["--perms", "0755", "--size", tmp_bytes, "--tmpfs", "/tmp"]
-        argv += ["--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/dev/shm"]
+            argv = [bwrap_exe, *self._filesystem_args(python, fds)]
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         argv += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"]
         argv += ["--unshare-cgroup-try", "--hostname", "sandbox"]
         argv += ["--die-with-parent", "--new-session", "--chdir", "/", "--clearenv"]
         argv += ["--setenv", "PATH", _SYSTEM_PATH, "--setenv", "LANG", "C.UTF-8"]
-        for p in hidden:
-            argv += ["--tmpfs", p]
-        made: set[str] = set()
-        for p in exposed:
-            # bwrap would create the missing parents (e.g. /root/.pyenv) as 0700 root dirs
-            top = next(h for h in masked if _under(p, h))
-            for parent in reversed(Path(p).parents):
-                d = str(parent)
-                if _under(d, top) and d != top and d not in made:
-                    argv += ["--perms", "0755", "--dir", d]
-                    made.add(d)
-            argv += ["--ro-bind", p, p]
-        argv += ["--ro-bind", str(_SERVER_SOURCE), _SERVER_INSIDE]  # just this one file
         if as_root:
             argv += ["--cap-drop", "ALL"]
             for cap in _SERVER_CAPS:
                 argv += ["--cap-add", cap]
         else:
-            argv += ["--unshare-user", "--disable-userns"]
-        return [*argv, "--", *server_argv], env
+            # This user is root of the user namespace: with any other uid (or --disable-userns)
+            # bwrap adds a second, nested user namespace, which does not own the server's pid
+            # namespace, so the zygote could not set up the calls' ones. Calls still cannot make
+            # user namespaces: the seccomp filter denies unshare, setns, clone's namespace
+            # flags and clone3; and each call drops every capability before its code runs.
+            argv += ["--unshare-user", "--uid", "0", "--gid", "0", "--cap-drop", "ALL"]
+            for cap in _USERNS_CAPS:
+                argv += ["--cap-add", cap]
+        return _Launch([*argv, "--", *server_argv], env, opts, fds)
+
+    def _filesystem_args(self, python: str, fds: list[int]) -> list[str]:
+        """bwrap's mounts: an empty read-only root with the system dirs, a few files of /etc,
+        the interpreter's paths, masks over the hidden paths, and a private /tmp, /dev/shm,
+        /dev and /proc. Contents bwrap reads from a file descriptor are appended to `fds`."""
+        cfg = self.config
+        project = _project_root()
+        try:
+            binds = _interpreter_binds(python, cfg, project)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SandboxUnavailableError(f"sandbox: cannot run python {python!r}: {e}") from e
+        data = [p for p in sorted(self._hidden, key=len) if os.path.exists(p)]
+        for d in data:
+            held = [b for b in binds if _under(b, d)]
+            if held:
+                raise SandboxUnavailableError(
+                    f"sandbox: hidden path {d} holds the interpreter's {held[0]}; move the data "
+                    "files out of the interpreter's directories"
+                )
+        system = [p for p in (*_SYSTEM_PATHS, *_ETC_PATHS) if os.path.lexists(p)]
+        deny = [os.path.realpath(p) for p in (*cfg.hide_paths, project or "") if p]
+        deny = [p for p in deny if os.path.exists(p)]  # a mount point must exist
+        tmp_bytes = str(cfg.tmp_size_mb * 2**20)
+        args = ["--dev", "/dev", "--proc", "/proc"]
+        args += ["--perms", "0755", "--size", tmp_bytes, "--tmpfs", "/tmp"]
+        args += ["--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/dev/shm"]
+        args += ["--perms", "0755", "--dir", "/etc"]
+        made = {"/dev", "/proc", "/tmp", "/etc"}
+        masks: list[str] = []
+        layers = _mount_plan(system, binds, deny, data)
+        for i, (kind, p) in enumerate(layers):
+            if kind == "bind":
+                args += _parent_dirs(p, layers[:i], made)
+                link = os.path.islink(p)  # merged /usr: /bin -> usr/bin
+                args += ["--symlink", os.readlink(p), p] if link else ["--ro-bind", p, p]
+            elif os.path.isdir(p):
+                args += ["--perms", "0755", "--tmpfs", p]
+                masks.append(p)
+            else:  # a file: an empty one in its place
+                args += ["--perms", "0444", "--ro-bind-data", _data_fd(b"", fds), p]
+        for path, text in _ETC_STUBS:
+            args += ["--perms", "0644", "--ro-bind-data", _data_fd(text.encode(), fds), path]
+        args += ["--ro-bind", str(_SERVER_SOURCE), _SERVER_INSIDE]  # just this one file
+        for p in ["/", *masks]:  # nothing is writable but /tmp and /dev/shm
+            args += ["--remount-ro", p]
+        return args

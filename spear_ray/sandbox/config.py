@@ -5,9 +5,10 @@ Imports nothing from spear_ray, so the top-level config can include it without c
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class SandboxConfig(BaseModel):
@@ -62,13 +63,15 @@ class SandboxConfig(BaseModel):
         True, description="back the warmed-up server heap with 2 MiB pages: cheaper forks"
     )
     bwrap_path: str = Field("bwrap", description="bubblewrap executable (name on PATH or a path)")
-    hide_paths: tuple[str, ...] = Field(
-        ("/home", "/root", "/work", "/run", "/mnt", "/media", "/srv"),
-        description="host dirs replaced by empty tmpfs (the project root and the interpreter's "
-        "prefix are handled automatically)",
-    )
     expose_paths: tuple[str, ...] = Field(
-        (), description="host paths made visible read-only even if under a hidden dir"
+        (),
+        description="extra host paths visible read-only; the sandbox sees only these, the "
+        "interpreter (prefixes, sys.path), /usr, /bin, /lib*, and a few files of /etc",
+    )
+    hide_paths: tuple[str, ...] = Field(
+        (),
+        description="host paths hidden even where they lie under a visible one (an env's data "
+        "files are hidden automatically); older configs' list of top-level dirs is harmless",
     )
     start_timeout_s: float = Field(
         120.0, gt=0, description="how long the server may take to start and pre-import modules"
@@ -76,6 +79,16 @@ class SandboxConfig(BaseModel):
     reply_grace_s: float = Field(
         10.0, gt=0, description="extra wait past a call's timeout before the server counts as hung"
     )
+
+    @field_validator("expose_paths", "hide_paths")
+    @classmethod
+    def _absolute(cls, paths: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for p in paths:
+            if not os.path.isabs(p):
+                raise ValueError(
+                    f"sandbox.{info.field_name}: {p!r} is not an absolute path; give the full path"
+                )
+        return paths
 
     @model_validator(mode="after")
     def _check(self) -> SandboxConfig:

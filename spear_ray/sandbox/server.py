@@ -1,15 +1,19 @@
 """Fork-server that runs model-written Python snippets; one per node, inside bubblewrap.
 
-The client (client.py) starts it as `python -E -s -B server.py <options JSON>`, inside bwrap
-(which sees this one file, read-only, at /tmp/.spear-sandbox/server.py) unless
-`sandbox.isolation: none`. It imports nothing from spear_ray (the project tree is not visible
-inside the sandbox): only the standard library and PyPI `pyseccomp`.
+The client (client.py) starts it as `python -E -s -B server.py`, inside bwrap (which sees this
+one file, read-only, at /tmp/.spear-sandbox/server.py) unless `sandbox.isolation: none`. It
+imports nothing from spear_ray (the project tree is not visible inside the sandbox): only the
+standard library and PyPI `pyseccomp`.
 
 Wire protocol, over the server's stdin (requests) and stdout (replies):
   every message is one frame: a 4-byte big-endian unsigned length N, then N bytes of UTF-8 JSON.
+  client -> server, once, first: the options (limits, uid_base, ...; see client._command). Not
+      on the command line: a call starts as a copy of this process, argv and /proc/self/cmdline
+      included.
   server -> client, once, first:
       {"ready": true, "pid": int, "zygote_pid": int, "uid_isolation": bool, "seccomp": bool,
-       "preloaded": [str], "hugepages_mb": int}   (pids as seen inside the sandbox)
+       "pid_namespaces": bool, "preloaded": [str], "hugepages_mb": int}
+       (pids as seen inside the sandbox)
    or {"fatal": "<one-line reason>"}, after which the server exits.
   client -> server:  {"id": int, "code": str, "timeout_s": float}
   server -> client:  {"id": int, "stdout": str, "stderr": str, "exit_code": int | null,
@@ -19,23 +23,28 @@ Wire protocol, over the server's stdin (requests) and stdout (replies):
   (minus the signal number) for a call killed by a signal. EOF on stdin shuts the server down
   and kills whatever is still running.
 
-Processes (all inside one bwrap: own pid/net/ipc/uts namespaces, read-only /, private /tmp):
-  server   root with five capabilities (bwrap drops the rest). Talks to the client, owns the
+Processes (all inside one bwrap: own pid/net/ipc/uts namespaces; a read-only root that holds
+only the system dirs, a few files of /etc and the interpreter; private /tmp):
+  server   root with six capabilities (bwrap drops the rest). Talks to the client, owns the
            pipes, timeouts, output caps and scratch dirs. Never forks per call, so the pages it
            writes are never shared copy-on-write with a call.
   zygote   forked once; pre-imports math/numpy/sympy, freezes the GC, backs its heap with huge
            pages, then only forks: one process per call. It never sees a call's code or output.
   janitor  deletes finished scratch dirs in the background.
   call     one process per call, forked ahead of time ("warm") so the fork is off the call's
-           latency: new session (process group = its pid); fds 0-4 = /dev/null, stdout pipe,
-           stderr pipe, status pipe, code socket, every other fd closed; rlimits; uid/gid
-           uid_base+slot with no groups; seccomp filter; clean env. It then blocks until the
-           server sends the code (a memfd over the socket), says "started" on the status pipe,
-           closes it, and exec()s the code like `python -c`.
+           latency: the init (pid 1) of a pid namespace of its own, with its own mount namespace
+           and /proc, so it sees its own process tree only; new session (process group = its
+           pid); fds 0-4 = /dev/null, stdout pipe, stderr pipe, status pipe, code socket, every
+           other fd closed; rlimits; uid/gid uid_base+slot with no groups (without root: no
+           capabilities left); seccomp filter; clean env. It then blocks until the server sends
+           the code (a memfd over the socket), says "started" on the status pipe, closes it,
+           and exec()s the code like `python -c`.
 A call's slot has its own uid, so calls cannot signal, trace or read each other. When the call's
-process exits (or the deadline kills its process group), the server kills every process left
-under the slot's uid (orphans that left the group), replies, and frees the slot. A call whose
-process died before saying "started" is an infrastructure failure, never the model's.
+process exits, the kernel kills what is left in its pid namespace; the server also kills every
+process left under the slot's uid, replies, and frees the slot. A call whose process died
+before saying "started" is an infrastructure failure, never the model's. Being an init, a call
+ignores the signals it sends itself whose action is the default (kill(getpid(), SIGTERM) does
+nothing, os.abort() ends in SIGSEGV, CPU time past the soft limit in SIGKILL at the hard one).
 """
 
 from __future__ import annotations
@@ -95,6 +104,11 @@ _DENIED_SYSCALLS = (
 )  # fmt: skip
 _TIOCSTI = 0x5412
 _TIOCLINUX = 0x541C
+_CLONE_NEWNS, _CLONE_NEWPID = 0x00020000, 0x20000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+_PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ---------------------------------------------------------------------------------------- framing
@@ -207,6 +221,71 @@ def _check_program_in_child(program: _SeccompProgram) -> None:
     _, status = os.waitpid(pid, 0)
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         raise RuntimeError(f"the seccomp filter does not work here (check exit status {status})")
+
+
+# ------------------------------------------------------------------------------------ namespaces
+
+
+def _check_libc(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class _PidNamespaces:
+    """Makes the zygote's next child the init of a new pid namespace, so that a call sees its
+    own processes only: never the server's, whose /proc entries show how the sandbox is set up.
+    unshare(CLONE_NEWPID) works only while the zygote's children go to its own namespace, so
+    each time it first goes back there (setns)."""
+
+    def __init__(self) -> None:
+        self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+    def next_child_in_a_new_one(self) -> None:
+        _check_libc(_libc.setns(self._own, _CLONE_NEWPID), "setns(pid)")
+        _check_libc(_libc.unshare(_CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+
+
+def _mount_own_proc() -> None:
+    """In the init of a new pid namespace: a mount namespace whose /proc shows that pid
+    namespace only (the mount covers the server's /proc, and the call may not unmount it)."""
+    _check_libc(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    private = ctypes.c_ulong(_MS_REC | _MS_PRIVATE)
+    _check_libc(_libc.mount(None, b"/", None, private, None), "mount(private)")
+    flags = ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _check_libc(_libc.mount(b"proc", b"/proc", b"proc", flags, None), "mount(/proc)")
+
+
+def _check_pid_namespaces(namespaces: _PidNamespaces) -> None:
+    """Make one throwaway child the way every call will be made and check what it sees."""
+    namespaces.next_child_in_a_new_one()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _mount_own_proc()
+            os._exit(0 if [p for p in os.listdir("/proc") if p.isdigit()] == ["1"] else 3)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        raise RuntimeError(f"a call's own pid namespace and /proc do not work here ({status})")
+
+
+def _drop_capabilities() -> None:
+    """Without root the sandbox's user namespace gives the server capabilities, and a uid drop
+    does not take them away: empty the bounding, ambient, permitted and effective sets."""
+    zero = ctypes.c_ulong(0)
+    for cap in range(64):
+        if _libc.prctl(_PR_CAPBSET_DROP, ctypes.c_ulong(cap), zero, zero, zero) != 0:
+            if ctypes.get_errno() == errno.EINVAL:  # past the last capability of this kernel
+                break
+            _check_libc(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+    clear_all = ctypes.c_ulong(_PR_CAP_AMBIENT_CLEAR_ALL)
+    _check_libc(_libc.prctl(_PR_CAP_AMBIENT, clear_all, zero, zero, zero), "ambient caps")
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    _check_libc(_libc.capset(header, data), "capset")
 
 
 # ------------------------------------------------------------------------------------------ calls
@@ -754,6 +833,7 @@ class _Zygote:
         self.program = program
         self.devnull = devnull
         self.children: dict[int, int] = {}  # pid -> key
+        self.namespaces = _PidNamespaces() if opts.get("pid_namespaces") else None
         self.child_env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -768,6 +848,13 @@ class _Zygote:
         }
 
     def serve(self) -> int:
+        if self.namespaces is not None:
+            try:
+                _check_pid_namespaces(self.namespaces)
+            except (OSError, RuntimeError) as e:
+                fatal = f"sandbox: {e}; bubblewrap must let the server keep CAP_SYS_ADMIN"
+                self.sock.send(json.dumps({"fatal": fatal}).encode())
+                return 1
         sys.path[0] = ""  # like `python -c`: calls import from their cwd, not from our dir
         preloaded = []
         for name in self.o["preload"]:
@@ -823,6 +910,8 @@ class _Zygote:
     def _spawn(self, msg: bytes, fds: list[int]) -> None:
         key, uid, scratch_no = _SPAWN.unpack(msg)
         try:
+            if self.namespaces is not None:
+                self.namespaces.next_child_in_a_new_one()
             pid = os.fork()
         except OSError as e:
             for fd in fds:
@@ -860,6 +949,8 @@ def _child_main(zygote: _Zygote, uid: int, scratch: str, fds: list[int]) -> None
     os.umask(0o077)
     os.chdir(scratch)
     o = zygote.o
+    if o["pid_namespaces"]:
+        _mount_own_proc()
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_CPU, int(o["cpu_seconds"]), int(o["cpu_seconds"]) + 1)
     _limit(resource.RLIMIT_AS, int(o["memory_bytes"]))
@@ -874,6 +965,8 @@ def _child_main(zygote: _Zygote, uid: int, scratch: str, fds: list[int]) -> None
         os.setresuid(uid, uid, uid)
         if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid):
             raise RuntimeError("the uid drop did not take")
+    elif o["pid_namespaces"]:  # root of a user namespace: no uid drop clears the capabilities
+        _drop_capabilities()
     if zygote.program is not None:
         zygote.program.load()
     os.environ["HOME"] = os.environ["TMPDIR"] = scratch  # the rest was set in the zygote
@@ -892,6 +985,7 @@ def _child_main(zygote: _Zygote, uid: int, scratch: str, fds: list[int]) -> None
     os.close(memfds[0])
     os.write(3, b"k")
     os.close(3)
+    o.clear()  # the server's options, which the server, zygote and main() share, in our copy
     _run_user_code(code.decode("utf-8", "surrogatepass"), kill_strays=uid_iso)
 
 
@@ -996,12 +1090,29 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _read_exactly(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            raise EOFError("the client closed the pipe before sending the options")
+        data += chunk
+    return data
+
+
+def _read_options(fd: int) -> dict:
+    """The client's first frame. Not argv: every call starts as a copy of this process, and its
+    /proc/self/cmdline would show them."""
+    (n,) = _HDR.unpack(_read_exactly(fd, _HDR.size))
+    return json.loads(_read_exactly(fd, n))
+
+
 def main(argv: list[str]) -> int:
-    opts = json.loads(argv[1])
     # The protocol moves off fds 0/1 so that nothing printed by accident can corrupt it.
     proto_in, proto_out = os.dup(0), os.dup(1)
     os.set_inheritable(proto_in, False)
     os.set_inheritable(proto_out, False)
+    opts = _read_options(proto_in)
     devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
@@ -1024,6 +1135,8 @@ def main(argv: list[str]) -> int:
         hello = server.start_zygote()
     except Exception as e:
         return _fatal(proto_out, f"sandbox: {e}")
+    if "fatal" in hello:
+        return _fatal(proto_out, hello["fatal"])
     _write_frame(
         proto_out,
         {
@@ -1031,6 +1144,7 @@ def main(argv: list[str]) -> int:
             "pid": os.getpid(),
             "uid_isolation": server.uid_iso,
             "seccomp": server.program is not None,
+            "pid_namespaces": bool(opts.get("pid_namespaces")),
             "zygote_pid": server.zygote_pid,
             **hello,
         },

@@ -349,6 +349,19 @@ def test_data_file_rows_by_seed(sandbox, tmp_path):
     assert result.info.success and result.reward == 1.0
 
 
+def test_data_file_is_hidden_from_the_tool(sandbox, tmp_path):
+    gold = "gold-4913"
+    path = _write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "Guess.", "answer": gold}])
+    env = make_env("python_math", {"data_path": str(path)}, sandbox=sandbox)
+    assert str(path.resolve()) in sandbox.hidden_paths  # the client masks it wherever it lies
+    env.reset(0)
+    r = env.step(f"<code>print(open({str(path)!r}).read())</code>")
+    assert gold not in r.observation and "FileNotFoundError" in r.observation
+    # a sandbox without hide() (a stand-in that only runs code) is still accepted
+    stand_in = type("StandIn", (), {"run_python": lambda self, code, timeout_s=None: None})()
+    make_env("python_math", {"data_path": str(path)}, sandbox=stand_in)
+
+
 def test_seeds_reproduce_observations(sandbox):
     def play(seed):
         env = make_env("python_math", {}, sandbox=sandbox)

@@ -8,15 +8,22 @@ checked directly: no process of the sandbox's uids is left, no file appeared.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import shutil
 import socket
+import stat
+import sys
+import sysconfig
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from spear_ray.envs import make_env
 from spear_ray.sandbox import SandboxClient, SandboxConfig
 
 pytestmark = pytest.mark.sandbox  # skipped without bubblewrap and root
@@ -33,6 +40,9 @@ CFG = SandboxConfig(
     tmp_size_mb=256,
 )
 SECRET = "spear-test-secret-7f3a9c"
+GOLD = "spear-test-gold-answer-4b1d"  # what a dataset file holds and model code must not read
+# The dirs the sandbox used to hide (a deny list over a read-only view of the whole host).
+OLD_HIDDEN = ("/home", "/root", "/work", "/run", "/mnt", "/media", "/srv")
 _BPF_NR = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -61,41 +71,53 @@ def still_works_and_leaves_nothing(request):
     assert client.restarts == 0  # no attack took the server down
 
 
-def _host_pid(inner_pid: int, under: int) -> int:
-    """The host pid of the process that is `inner_pid` inside the sandbox started by `under`."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                status = Path(f"/proc/{name}/status").read_text()
-                nspids = status.split("\nNSpid:")[1].split("\n")[0].split()
-                if len(nspids) > 1 and int(nspids[-1]) == inner_pid and int(name) > under:
-                    return int(name)
+def _tree(root: int) -> list[int]:
+    """Host pids of `root`'s descendants. Everything a sandbox starts stays in bwrap's tree,
+    whatever pid namespace it is in (each call is the init of its own): orphans are re-parented
+    to the server or to the call, never out of it."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+                found += map(int, children)
+                todo += map(int, children)
+    return found
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _host_pid(inner_pid: int, tree: list[int]) -> int:
+    """The host pid of the process of `tree` that is `inner_pid` in bwrap's pid namespace."""
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            nspids = _status(pid)["NSpid"].split()
+            if len(nspids) > 1 and int(nspids[1]) == inner_pid:
+                return pid
     raise LookupError(inner_pid)
 
 
 def _leftover_processes(client: SandboxClient) -> list[tuple[int, int, int]]:
-    """Host processes under one of the sandbox's per-call uids, except the warm ones: children
-    of the zygote, locked down and waiting for a call (at most warm_children, one per uid).
-    Only this sandbox's: its processes share the zygote's pid namespace (bwrap --unshare-pid),
-    and no process can leave it, so another sandbox on the machine (a python_math run beside
-    the tests, with the same uids) is not counted, while any orphan of this one still is."""
-    zygote = _host_pid(client.server_info["zygote_pid"], client.server_pid or 0)
-    namespace = os.readlink(f"/proc/{zygote}/ns/pid")
+    """Host processes of this sandbox under one of its per-call uids, except the warm ones:
+    children of the zygote, locked down and waiting for a call (at most warm_children, one per
+    uid). Only this sandbox's (its tree), so another sandbox on the machine (a python_math run
+    beside the tests, with the same uids) is not counted, while any orphan of this one is."""
+    tree = _tree(client.server_pid or 0)
+    zygote = _host_pid(client.server_info["zygote_pid"], tree)
     lo, hi = CFG.uid_base, CFG.uid_base + CFG.max_concurrent
     found, warm = [], []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid in tree:
         try:
-            status = Path(f"/proc/{name}/status").read_text()
-            if os.readlink(f"/proc/{name}/ns/pid") != namespace:
-                continue
+            field = _status(pid)
         except OSError:
             continue
-        field = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         uid, ppid = int(field["Uid"].split()[0]), int(field["PPid"])
         if lo <= uid < hi and not field["State"].strip().startswith("Z"):
-            (warm if ppid == zygote else found).append((int(name), uid, ppid))
+            (warm if ppid == zygote else found).append((pid, uid, ppid))
     if len(warm) > CFG.warm_children or len({uid for _, uid, _ in warm}) < len(warm):
         found += warm
     return found
@@ -232,6 +254,162 @@ def test_host_files_cannot_be_read(sandbox):
     assert set(listing) <= {".venv"}  # an empty tmpfs, plus the interpreter if it lives there
 
 
+def _read_attempts(paths: list[str]) -> str:
+    code = "import os\n"
+    for p in paths:
+        code += (
+            f"try:\n    print('READ', {p!r}, open({p!r}).read())\n"
+            f"except OSError as e:\n    print('denied', {p!r}, e.errno)\n"
+        )
+    return code
+
+
+@pytest.fixture
+def dataset_outside_the_old_hidden_dirs():
+    """World-readable dataset files with gold answers where clusters keep them: a top-level dir
+    (like /data) and /opt, outside every dir the sandbox used to hide."""
+    files, dirs = [], []
+    for parent in ("/", "/opt"):
+        try:
+            d = tempfile.mkdtemp(prefix="data-spear-test-", dir=parent)
+        except OSError:
+            continue
+        dirs.append(d)
+        os.chmod(d, 0o755)
+        f = Path(d, "train.jsonl")
+        f.write_text(json.dumps({"prompt": "2+2?", "answer": GOLD}) + "\n")
+        f.chmod(0o644)
+        files.append(str(f))
+    try:
+        if not files:
+            pytest.skip("cannot create a directory under / or /opt to hold a test dataset")
+        yield files
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_dataset_outside_every_hidden_dir_is_invisible(
+    sandbox, dataset_outside_the_old_hidden_dirs
+):
+    files = dataset_outside_the_old_hidden_dirs
+    for f in files:  # the case the deny list missed: readable by anyone, hidden by no entry
+        assert Path(f).stat().st_mode & stat.S_IROTH and GOLD in Path(f).read_text()
+        assert not any(f.startswith(h + "/") for h in OLD_HIDDEN)
+    parents = sorted({os.path.dirname(os.path.dirname(f)) for f in files})
+    code = _read_attempts(files)
+    for d in parents:
+        code += (
+            f"try:\n    print('LIST', {d!r}, sorted(os.listdir({d!r})))\n"
+            "except OSError as e:\n    print('no dir', e.errno)\n"
+        )
+    r = sandbox.run_python(code)
+    assert r.exit_code == 0 and r.stdout.count("denied") == len(files), r
+    assert GOLD not in r.stdout, r
+    listings = [line for line in r.stdout.splitlines() if line.startswith("LIST")]
+    assert listings and not any("data-spear-test-" in line for line in listings), r
+
+
+def test_only_the_allow_list_is_mounted(sandbox):
+    r = sandbox.run_python("import os\nprint(sorted(os.listdir('/')))\nprint(os.listdir('/etc'))")
+    top, etc = (set(eval(line)) for line in r.stdout.splitlines())
+    system = {"usr", "bin", "sbin", "lib", "lib64", "lib32", "libx32", "etc", "tmp", "proc", "dev"}
+    # the first dir of each of the interpreter's paths (the sandbox runs this interpreter)
+    interpreter = {
+        Path(p).parts[1] for p in (sys.prefix, sys.base_prefix) if len(Path(p).parts) > 1
+    }
+    assert {"usr", "etc", "tmp", "proc", "dev"} <= top <= system | interpreter, top
+    assert etc <= {"ld.so.cache", "localtime", "alternatives", "passwd", "group", "hostname"}, etc
+    assert {"passwd", "ld.so.cache"} <= etc
+
+
+@pytest.fixture
+def dataset_under_a_visible_prefix():
+    """A dataset dir inside one the sandbox shows (/usr/share, or the interpreter's
+    site-packages), with the data file and an unrelated neighbour."""
+    for parent in ("/usr/share", sysconfig.get_paths()["purelib"]):
+        try:
+            d = tempfile.mkdtemp(prefix="spear-test-data-", dir=parent)
+        except OSError:
+            continue
+        os.chmod(d, 0o755)
+        data = Path(d, "train.jsonl")
+        data.write_text(json.dumps({"prompt": "What is 2+2?", "answer": GOLD}) + "\n")
+        neighbour = Path(d, "README")
+        neighbour.write_text("neighbour-visible\n")
+        for f in (data, neighbour):
+            f.chmod(0o644)
+        try:
+            yield data, neighbour
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        return
+    pytest.skip("cannot create a directory under /usr/share or site-packages")
+
+
+def test_env_data_file_is_invisible_even_under_a_visible_prefix(
+    dataset_under_a_visible_prefix, tmp_path
+):
+    data, neighbour = dataset_under_a_visible_prefix
+    link = tmp_path / "data.jsonl"  # the env is given a symlink: the target is what is hidden
+    link.symlink_to(data)
+    read = (
+        _read_attempts([str(data), str(neighbour)])
+        + f"print('SIZE', os.stat({str(data)!r}).st_size)"
+    )
+    with SandboxClient(CFG) as client:
+        before = client.run_python(read)
+        assert GOLD in before.stdout  # the prefix is visible: only hiding keeps the answer away
+        env = make_env(
+            "python_math", {"data_path": str(link), "include_instructions": False}, sandbox=client
+        )
+        assert client.hidden_paths == (str(data),)
+        assert env.reset(0) == "What is 2+2?"
+        step = env.step(f"<code>\n{read}\n</code>")
+        assert GOLD not in step.observation and "neighbour-visible" in step.observation, step
+        assert "SIZE 0" in step.observation  # an empty file in its place
+        env.close()
+        assert client.restarts == 0  # the running server was replaced, not crashed
+
+
+# ------------------------------------------------------------------------------- processes
+
+
+def test_a_call_sees_only_its_own_processes(sandbox):
+    busy = threading.Thread(target=sandbox.run_python, args=("import time; time.sleep(2)",))
+    busy.start()
+    time.sleep(0.5)
+    code = (
+        "import os, subprocess, sys\n"
+        "print('PIDS', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+        "print('CMDLINE', open('/proc/1/cmdline', 'rb').read())\n"
+        "child = 'import os; print(sorted(int(p) for p in os.listdir(\"/proc\") if p.isdigit()))'\n"
+        "print('CHILD', subprocess.run([sys.executable, '-c', child], capture_output=True,"
+        " text=True).stdout.strip())\n"
+        # The call's memory is a copy of the server's: its options dict must be empty there.
+        "found, f = [], sys._getframe()\n"
+        "while f is not None:\n"
+        "    for v in list(f.f_locals.values()):\n"
+        "        for d in (v, getattr(v, '__dict__', None)):\n"
+        "            if isinstance(d, dict):\n"
+        "                found += [w for w in [d, *d.values()] if isinstance(w, dict)"
+        " and 'output_kill_bytes' in w]\n"
+        "    f = f.f_back\n"
+        "print('OPTIONS_IN_MEMORY', len(found), sys.orig_argv)"
+    )
+    r = sandbox.run_python(code)
+    busy.join()
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["PIDS"] == "[1]", r  # not the server, zygote, janitor, nor the busy call
+    assert lines["CHILD"] == "[1, 2]", r  # its child sees it and itself
+    assert "uid_base" not in lines["CMDLINE"] and "{" not in lines["CMDLINE"], r
+    assert str(CFG.uid_base) not in lines["CMDLINE"]
+    assert lines["OPTIONS_IN_MEMORY"].startswith("0 "), r
+    assert "uid_base" not in lines["OPTIONS_IN_MEMORY"]  # nor in the original argv
+    inner = [sandbox.server_info["pid"], sandbox.server_info["zygote_pid"]]
+    assert all(_host_pid(pid, _tree(sandbox.server_pid or 0)) for pid in inner)  # they exist
+
+
 def test_another_calls_scratch_dir_is_unreadable(sandbox):
     owner_code = (
         "import os, time\nopen('secret.txt', 'w').write('hunter2-' * 4)\n"
@@ -271,8 +449,10 @@ def test_parent_environment_does_not_leak(sandbox):
         "    print(p, open(p, 'rb').read()[:300])"
     )
     r = sandbox.run_python(code)
-    assert r.exit_code == 0 and "/proc/1/environ denied" in r.stdout, r
-    assert SECRET not in r.stdout and "SPEAR_SANDBOX_TEST_SECRET" not in r.stdout
+    assert r.exit_code == 0 and SECRET not in r.stdout, r
+    assert "SPEAR_SANDBOX_TEST_SECRET" not in r.stdout
+    environs = {line.split()[0] for line in r.stdout.splitlines() if "/environ " in line}
+    assert environs == {"/proc/1/environ"}, r  # the call's own: no server process to read
 
 
 # -------------------------------------------------------------------------- network, escapes
@@ -313,22 +493,28 @@ def test_cannot_reach_a_tcp_server_on_the_host(sandbox):
 
 
 def test_cannot_kill_the_server_or_its_parent(sandbox):
+    """The server's processes are not in a call's pid namespace: it cannot reach them by their
+    pids in the sandbox, by their host pids, nor with kill(-1)."""
     server_pid = sandbox.server_pid
+    assert server_pid is not None
+    tree = _tree(server_pid)
+    info = sandbox.server_info
+    targets = sorted({info["pid"], info["zygote_pid"], server_pid, *tree, *range(2, 64)})
     code = (
-        "import os, signal\n"
-        "for pid in (1, 2, os.getppid()):\n"
+        "import errno, os, signal\n"
+        f"for pid in {targets}:\n"
         "    try:\n        os.kill(pid, signal.SIGKILL)\n        print('KILLED', pid)\n"
-        "    except OSError as e:\n        print('denied', pid, e.errno)\n"
-        "for pg in {os.getpgid(1), os.getpgid(2)} - {1}:\n"  # (killpg(1) means kill(-1))
-        "    try:\n        os.killpg(pg, signal.SIGKILL)\n        print('KILLED pg', pg)\n"
-        "    except OSError as e:\n        print('denied pg', pg)\n"
+        "    except OSError as e:\n"
+        "        print('unseen' if e.errno == errno.ESRCH else 'ERR', pid)\n"
         "try:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\n"
-        "print('still here')"
+        "print('still here', os.getpid(), os.getppid())"
     )
     r = sandbox.run_python(code)
-    assert "KILLED" not in r.stdout and r.stdout.count("denied") >= 3, r
-    assert r.stdout.endswith("still here\n")
+    assert "KILLED" not in r.stdout and "ERR" not in r.stdout, r
+    assert r.stdout.count("unseen") == len(targets), r
+    assert r.stdout.endswith("still here 1 0\n")  # the init of its own namespace
     assert sandbox.server_pid == server_pid
+    assert all(Path(f"/proc/{pid}").exists() for pid in [server_pid, *tree[:3]])
 
 
 def test_privileged_syscalls_are_denied(sandbox):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from spear_ray.sandbox import ExecResult, SandboxClient, SandboxConfig, SandboxUnavailableError
+from spear_ray.sandbox.client import _mount_plan
 
 pytestmark = pytest.mark.sandbox  # skipped without bubblewrap and root
 
@@ -67,6 +68,41 @@ def test_config_fields_have_defaults_and_descriptions():
         SandboxConfig(isolation="docker")  # type: ignore[arg-type]
     with pytest.raises(Exception, match="warm_children"):
         SandboxConfig(warm_children=4, max_concurrent=2)
+
+
+def test_old_hide_paths_still_load_and_paths_must_be_absolute():
+    old = ("/home", "/root", "/work", "/run", "/mnt", "/media", "/srv")  # the former default
+    assert SandboxConfig(hide_paths=old).hide_paths == old  # a deny list on top of the allow list
+    assert SandboxConfig().hide_paths == () and SandboxConfig().expose_paths == ()
+    with pytest.raises(Exception, match=r"sandbox\.expose_paths: 'data' is not an absolute path"):
+        SandboxConfig(expose_paths=("data",))
+
+
+def test_mount_plan_allows_few_paths_and_masks_data_last():
+    layers = _mount_plan(
+        system=["/usr", "/etc/ld.so.cache"],
+        binds=["/opt/py", "/usr/local/lib/py", "/srv/venv"],
+        deny=["/usr/local", "/home", "/srv"],
+        data=["/opt/py/lib/data.jsonl", "/data/train.jsonl", "/usr/share/math"],
+    )
+    assert layers == [
+        ("bind", "/usr"),
+        ("bind", "/etc/ld.so.cache"),
+        ("bind", "/opt/py"),
+        ("bind", "/srv/venv"),
+        ("mask", "/usr/local"),  # under a visible dir: masked; /home and /srv were never there
+        ("bind", "/usr/local/lib/py"),  # the interpreter's path under it comes back
+        ("mask", "/opt/py/lib/data.jsonl"),  # data: masked even in the interpreter's prefix
+        ("mask", "/usr/share/math"),  # (/data was never mounted)
+    ]
+
+
+def test_hidden_path_holding_the_interpreter_refuses_with_one_line_reason():
+    with SandboxClient(CFG) as client:
+        client.hide(os.path.dirname(sys.prefix))
+        with pytest.raises(SandboxUnavailableError) as err:
+            client.start()
+    assert "\n" not in str(err.value) and "holds the interpreter's" in str(err.value)
 
 
 # -------------------------------------------------------------------------------- behaviour
