@@ -4,7 +4,7 @@
     pending = group.start(tasks, weight_version=v)   # returns at once
     for trajectories in pending.stream():
         ...                                       # one finished group (G trajectories) at a time
-    group.update_weights(weights_ref, version=v + 1)
+    group.sync_weights(learners, version=v + 1, transport="object_store")  # or "collective"
     group.shutdown()                              # kills the workers, frees their placement group
 
 The workers live in one placement group of `rollout.num_workers` identical bundles (see
@@ -25,6 +25,17 @@ in `health()`, and recovered the same way. A worker that Ray
 will not restart again (or that does not come back within rollout.restart_timeout_s) is a
 RolloutWorkerError naming it. `PendingRollout.counts` holds what a rollout lost
 (ROLLOUT_COUNTS); the controller logs them as rollout/*.
+
+Weights (`sync_weights`, `learner.weight_transport`): through the object store (learner rank 0
+publishes buckets, every worker fetches them: `update_weights`), or over a collective weight
+group (learners.weight_sync.WeightGroup): learner rank 0 is rank 0 and the live workers are
+ranks 1..N in worker order. The group is formed at the first collective sync, re-formed when its
+members change (a worker restarted or is recovering) or after it failed, and closed on shutdown.
+A restarted worker is back at its initial weights and out of the group: it gets the current ones
+through the object store (published then, only for it) and rejoins at the next sync. A failed
+collective (a member died, or did not answer within learner.collective_timeout_s) is one line
+in the log; that sync goes through the object store, and after MAX_COLLECTIVE_FAILURES in a row
+the run stays there.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import ray
 from ray.util.placement_group import PlacementGroup
 
 from actors.rollout_worker import RolloutWorker, StaleWeightsError
+from learners.weight_sync import WeightGroupError
 from spear_ray.agent.loop import Task
 from spear_ray.containers import Trajectory
 from spear_ray.placement import (
@@ -72,6 +84,10 @@ def weights_lost(err: BaseException) -> bool:
 class RolloutWorkerError(RuntimeError):
     """A rollout worker actor died for good or failed a call; the message names the worker."""
 
+
+WEIGHT_TRANSPORTS = ("object_store", "collective")  # learner.weight_transport
+MAX_COLLECTIVE_FAILURES = 3  # collective syncs failed in a row before the run stays off them
+CLOSE_TIMEOUT_S = 10.0  # how long closing a weight group waits for its members (best effort)
 
 # What a rollout lost to worker faults (PendingRollout.counts).
 ROLLOUT_COUNTS = ("worker_restarts", "groups_reissued", "groups_dropped", "samples_dropped")
@@ -139,6 +155,21 @@ def rollout_actor_options(
 
 def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
+def _cause_line(err: BaseException) -> str:
+    """The first line of a failed actor call's own exception (not Ray's task header)."""
+    cause = getattr(err, "cause", None)
+    return _first_line(cause if isinstance(cause, BaseException) else err)
+
+
+@dataclass
+class _WeightGroup:
+    """The collective weight group as the driver formed it."""
+
+    generation: int
+    members: list[int]  # worker indices; members[k] is rank k + 1 (learner rank 0 is rank 0)
+    restarts: int  # RolloutGroup.worker_restarts when it was formed: a restart since re-forms it
 
 
 @dataclass
@@ -288,7 +319,12 @@ class RolloutGroup:
             timeout_s=placement_timeout_s,
         )
         self.workers: list[Any] = []
-        self._weights: tuple[Any, int] | None = None  # the last update_weights: (tensors, v)
+        # the last weights sent: (tensors, version); after a collective sync, tensors is the
+        # learners' publish_weights, called only if a restarted worker needs them
+        self._weights: tuple[Any, int] | None = None
+        self._weight_group: _WeightGroup | None = None  # learner.weight_transport: collective
+        self._weight_generations = 0
+        self.collective_failures = 0  # collective syncs failed in a row
         self._pids: dict[int, int] = {}  # worker -> pid last seen (a new one: a restart)
         self._recovering: dict[int, _Recovery] = {}
         self._restarts_not_taken = 0
@@ -340,6 +376,130 @@ class RolloutGroup:
                     raise WeightsLostError(version, err) from err
                 raise
         return versions
+
+    # ------------------------------------------------------------------ weight sync
+
+    def sync_weights(
+        self, learners: Any, version: int, *, transport: str = "object_store", log=print
+    ) -> str:
+        """Send the learners' (a LearnerGroup's) current weights to every worker as `version`
+        by `transport` (learner.weight_transport); the transport that delivered them. A failed
+        collective sync is one line to `log` and the object store delivers instead."""
+        if transport not in WEIGHT_TRANSPORTS:
+            raise ValueError(f"transport must be one of {WEIGHT_TRANSPORTS}, got {transport!r}")
+        if transport == "collective" and self.collective_failures < MAX_COLLECTIVE_FAILURES:
+            try:
+                self.broadcast_weights(learners, version)
+            except WeightGroupError as err:
+                self.collective_failures += 1
+                self.close_weight_group(learners)
+                then = (
+                    "the group is re-formed at the next sync"
+                    if self.collective_failures < MAX_COLLECTIVE_FAILURES
+                    else f"{self.collective_failures} failures in a row: the object store from "
+                    "now on"
+                )
+                log(
+                    f"collective weight sync of v{version} failed, sent through the object "
+                    f"store instead ({then}): {err}"
+                )
+            else:
+                self.collective_failures = 0
+                return "collective"
+        self.update_weights(learners.publish_weights(), version)
+        return "object_store"
+
+    def broadcast_weights(self, learners: Any, version: int) -> list[int | None]:
+        """The collective sync: learner rank 0 broadcasts its weights to the live workers over
+        the weight group (formed, or re-formed, first), each worker receiving on a thread and
+        loading them as `version`. Each worker's weight version; None for one that is
+        recovering (it gets the weights through the object store when it is back). A
+        WeightGroupError names every member that failed (a dead worker is also marked lost)."""
+        members = self.live_workers()
+        versions: list[int | None] = [None] * len(self.workers)
+        if members:
+            group = self._weight_group
+            if group is None or group.members != members or group.restarts != self.worker_restarts:
+                group = self._form_weight_group(learners, members)
+            refs = {
+                i: self.workers[i].receive_weights.remote(
+                    generation=group.generation, version=version
+                )
+                for i in members
+            }
+            problems = []
+            try:
+                learners.broadcast_weights(generation=group.generation)
+            except WeightGroupError as err:  # rank 0 closed its end: the receivers fail at once
+                problems.append(str(err))
+            results, failed = self._member_results(refs)
+            if problems or failed:
+                raise WeightGroupError("; ".join(problems + failed))
+            for i, have in results.items():
+                versions[i] = have
+        # Kept for a worker that restarts later; published (object store) only if one does. The
+        # learners' weights stay these until the next sync: the driver syncs after each update.
+        self._weights = (learners.publish_weights, version)
+        return versions
+
+    def _form_weight_group(self, learners: Any, members: list[int]) -> _WeightGroup:
+        """A new weight group of learner rank 0 and `members` (the previous one closed)."""
+        self.close_weight_group(learners)
+        self._weight_generations += 1
+        spec = learners.open_weight_group(
+            world_size=len(members) + 1, generation=self._weight_generations
+        )
+        # set now, so that a failed formation is closed like a failed sync
+        self._weight_group = _WeightGroup(spec.generation, list(members), self.worker_restarts)
+        refs = {
+            i: self.workers[i].join_weight_group.remote(spec=spec, rank=k + 1)
+            for k, i in enumerate(members)
+        }
+        problems = []
+        try:
+            learners.join_weight_group()  # returns when every member has joined, or fails
+        except WeightGroupError as err:
+            problems.append(str(err))
+        _, failed = self._member_results(refs)
+        if problems or failed:
+            raise WeightGroupError("; ".join(problems + failed))
+        return self._weight_group
+
+    def _member_results(self, refs: dict[int, ray.ObjectRef]) -> tuple[dict[int, Any], list[str]]:
+        """The workers' answers to a weight-group call, and one line per worker that failed (a
+        dead one is marked lost, so it is recovered like any other)."""
+        results: dict[int, Any] = {}
+        failed: list[str] = []
+        for i, ref in refs.items():
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                self.lost(i, err)
+                failed.append(f"rollout worker {i} died: {_cause_line(err)}")
+            except WeightGroupError as err:
+                failed.append(_cause_line(err))
+        return results, failed
+
+    def close_weight_group(self, learners: Any = None) -> None:
+        """Tell the weight group's members to leave it (best effort: a dead or restarted worker
+        has left already), and learner rank 0 too when `learners` is given."""
+        group, self._weight_group = self._weight_group, None
+        if group is None:
+            return
+        refs = [self.workers[i].close_weight_group.remote() for i in group.members]
+        if learners is not None:
+            learners.close_weight_group()
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=CLOSE_TIMEOUT_S)
+
+    def _kept_weights(self) -> Any:
+        """The last weights sent, for a worker that lacks them; after a collective sync they
+        are published now (through the object store), once for every worker that needs them."""
+        tensors, version = self._weights
+        if callable(tensors):
+            tensors = tensors()
+            self._weights = (tensors, version)
+        return tensors
 
     def health(self) -> list[dict[str, Any]]:
         """Every worker's health; waits for recovering workers to be back first."""
@@ -432,9 +592,8 @@ class RolloutGroup:
             if was_probe:  # a health() answer
                 self._pids[i] = answer["pid"]
                 if answer["weight_version"] < self.kept_version:
-                    tensors, version = self._weights
                     rec.push = self.workers[i].update_weights.remote(
-                        named_tensors=tensors, version=version
+                        named_tensors=self._kept_weights(), version=self.kept_version
                     )
                     continue
             del self._recovering[i]  # back, with the current weights
@@ -465,7 +624,8 @@ class RolloutGroup:
 
     def shutdown(self) -> None:
         """Shut the workers down (killed after a timeout) and free their placement group."""
-        kill_actors(self.workers)
+        kill_actors(self.workers)  # their ends of a weight group go with them
         self.workers = []
+        self._weight_group = None
         remove(self._placement)
         self._placement = None

@@ -6,7 +6,9 @@ A plain class (testable without Ray); `actors.rollout_group.spawn_rollout_worker
 
     worker = RolloutWorker(spec, worker_index=0)
     trajectories = await worker.rollout(tasks=[Task(...)], weight_version=0)
-    await worker.update_weights(named_tensors=..., version=1)
+    await worker.update_weights(named_tensors=..., version=1)    # object store (or in memory)
+    await worker.join_weight_group(spec=spec, rank=k)            # or a collective weight group
+    await worker.receive_weights(generation=g, version=2)        # (RolloutGroup.sync_weights)
 
 Faults: an env call or generation past its timeout fails only its trajectory (see
 spear_ray/agent/loop.py); the env is not reused and is closed on its own thread, never on the
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from learners.weight_sync import WeightGroup, WeightGroupError, WeightGroupSpec
 from spear_ray.agent.chat import ChatFormat
 from spear_ray.agent.loop import EnvThreads, EpisodeSettings, Task, run_episode
 from spear_ray.containers import Trajectory
@@ -76,6 +79,7 @@ class RolloutWorker:
         self._idle_envs: list[TextEnv] = []
         self.trajectories_done = 0
         self.failures = 0
+        self._weight_group: WeightGroup | None = None  # learner.weight_transport: collective
 
     # ------------------------------------------------------------------ envs
 
@@ -187,6 +191,43 @@ class RolloutWorker:
         await self.engine.update_weights(tensors, version)
         return self.engine.weight_version
 
+    # ------------------------------------------------------------------ collective weight sync
+
+    async def join_weight_group(self, *, spec: WeightGroupSpec, rank: int) -> int:
+        """Leave any previous weight group and connect to this one as `rank` (on a thread: the
+        event loop keeps serving rollouts); returns when every member has connected."""
+        self.close_weight_group()
+        group = WeightGroup(spec, rank)
+        await asyncio.to_thread(group.connect)
+        self._weight_group = group
+        return rank
+
+    async def receive_weights(self, *, generation: int, version: int) -> int:
+        """Receive one broadcast of the weight group (on a thread, so the trajectories in flight
+        keep going) and load it as `version` like update_weights does. The broadcast is received
+        even when this version is loaded already: the sender waits for every member."""
+        group = self._weight_group
+        if group is None or group.spec.generation != generation:
+            have = "none" if group is None else group.spec.generation
+            raise WeightGroupError(
+                f"rollout worker {self.worker_index} is not in weight group {generation} "
+                f"(its group: {have}; restarted since the group was formed?)"
+            )
+        try:
+            tensors = await asyncio.to_thread(group.receive)
+        except WeightGroupError:
+            self._weight_group = None  # receive closed it: the driver re-forms the group
+            raise
+        if version > self.engine.weight_version:
+            await self.engine.update_weights(tensors, version)
+        return self.engine.weight_version
+
+    def close_weight_group(self) -> None:
+        """Leave the weight group, if any. Idempotent."""
+        group, self._weight_group = self._weight_group, None
+        if group is not None:
+            group.close()
+
     def health(self) -> dict[str, Any]:
         return {
             "worker_index": self.worker_index,
@@ -200,6 +241,7 @@ class RolloutWorker:
         }
 
     def shutdown(self) -> None:
+        self.close_weight_group()
         for env in self._idle_envs:
             env.close()
         self._idle_envs.clear()

@@ -5,6 +5,9 @@
     metrics = learners.update(batch=batch, step=t, phase="on_policy")
     metrics = learners.update(batch=replay, step=t, phase="replay", loss_weight=w_sil)
     weights = learners.publish_weights()               # BucketedWeights for rollout workers
+    # or over a collective weight group with the rollout workers (learner.weight_transport:
+    # collective): RolloutGroup.sync_weights drives open_weight_group, join_weight_group,
+    # broadcast_weights and close_weight_group
     learners.save_checkpoint(directory=d, step=t)
     learners.shutdown()
 
@@ -35,7 +38,12 @@ from torch import Tensor
 
 from learners.learner_rank import METRIC_REDUCTIONS, LearnerRank
 from learners.policy import PHASES, num_mini_batches, rank_rows
-from learners.weight_sync import DEFAULT_BUCKET_BYTES, BucketedWeights
+from learners.weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    BucketedWeights,
+    WeightGroupError,
+    WeightGroupSpec,
+)
 from spear_ray.containers import TrainBatch
 from spear_ray.faults import RunFault
 from spear_ray.placement import (
@@ -84,6 +92,13 @@ def _first_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
     text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(err)
     return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+
+
+def _group_result(result: Any) -> Any:
+    """A weight-group call's result; the group's failure (returned by rank 0) raised."""
+    if isinstance(result, WeightGroupError):
+        raise WeightGroupError(f"learner rank 0: {result}")
+    return result
 
 
 def spawn_learner_rank(spec: LearnerSpec, rank: int, world_size: int, group: Any, **options: Any):
@@ -282,6 +297,36 @@ class LearnerGroup:
         rollout workers' update_weights(named_tensors=..., version=...)."""
         refs = self._call_all("publish_weights", [{"bucket_bytes": bucket_bytes}] * self.num_ranks)
         return BucketedWeights(refs[0])
+
+    # The collective weight sync (learner.weight_transport = "collective"): only rank 0 is in
+    # the weight group, but gathering the weights is collective under ZeRO-3, so open and
+    # broadcast go to every rank. A failure of the group (not of a learner rank) is raised as
+    # WeightGroupError: RolloutGroup.sync_weights falls back to the object store on it.
+
+    def open_weight_group(
+        self,
+        *,
+        world_size: int,
+        generation: int,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> WeightGroupSpec:
+        """Rank 0 hosts a new weight group (closing its previous one); its spec, to hand to the
+        rollout workers, who join while `join_weight_group` waits for them."""
+        kwargs = dict(world_size=world_size, generation=generation, bucket_bytes=bucket_bytes)
+        return _group_result(self._call_all("open_weight_group", [kwargs] * self.num_ranks)[0])
+
+    def join_weight_group(self) -> None:
+        """Rank 0 connects to the group opened last; returns when every member has."""
+        _group_result(self._get([self.ranks[0].join_weight_group.remote()])[0])
+
+    def broadcast_weights(self, *, generation: int) -> int:
+        """Rank 0 sends the current weights to the weight group's rollout workers (who must be
+        receiving: RolloutGroup.sync_weights sees to it); the bytes sent."""
+        kwargs = {"generation": generation}
+        return _group_result(self._call_all("broadcast_weights", [kwargs] * self.num_ranks)[0])
+
+    def close_weight_group(self) -> None:
+        self._get([self.ranks[0].close_weight_group.remote()])
 
     def save_checkpoint(self, *, directory: str, step: int) -> str:
         self._call_all("save_checkpoint", [{"directory": directory, "step": step}] * self.num_ranks)

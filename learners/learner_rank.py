@@ -52,7 +52,14 @@ from learners.policy import (
     token_logprobs,
     trim_padding,
 )
-from learners.weight_sync import DEFAULT_BUCKET_BYTES, put_weights
+from learners.weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    WeightGroup,
+    WeightGroupError,
+    WeightGroupSpec,
+    collective_backend,
+    put_weights,
+)
 from spear_ray.algo.losses import loss_divisors
 from spear_ray.config.schema import LearnerConfig
 from spear_ray.containers import TrainBatch
@@ -173,6 +180,7 @@ class LearnerRank:
         self._hf_ds_config: Any = None  # must outlive from_pretrained under ZeRO-3
         self._setup_s = 0.0
         self._done: dict[str, tuple[int, dict[str, float]]] = {}  # phase -> (step, metrics)
+        self._weight_group: WeightGroup | None = None  # rank 0: the collective weight sync's
 
     # ------------------------------------------------------------------ setup
 
@@ -505,13 +513,15 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ weights
 
-    def full_state_dict(self, *, copy: bool = True) -> dict[str, Tensor] | None:
-        """The full weights on rank 0 (in the training dtype, on CPU); None on other ranks.
+    def full_state_dict(
+        self, *, copy: bool = True, device: str | torch.device = "cpu"
+    ) -> dict[str, Tensor] | None:
+        """The full weights on rank 0 (in the training dtype, on `device`); None on other ranks.
 
         Collective under ZeRO-3 (the partitions are gathered layer by layer). Tied parameters
         appear once, under their first name (engines and HF loaders re-tie them). copy=False
-        may return the live parameters (CPU, ZeRO 0-2): only for a caller that copies them
-        before the next update (publish_weights packs them into buckets at once).
+        may return the live parameters (ZeRO 0-2, on their own device): only for a caller that
+        copies them before the next update (the weight syncs pack them into buckets at once).
         """
         self._require_setup()
         if self.zero_stage == 3:
@@ -529,20 +539,101 @@ class LearnerRank:
             if tensor.data_ptr() in seen:
                 continue
             seen.add(tensor.data_ptr())
-            result[name] = tensor.detach().to("cpu", copy=copy)
+            result[name] = tensor.detach().to(device, copy=copy)
         return result
+
+    def _engine_weights(self, device: str | torch.device = "cpu") -> dict[str, Tensor] | None:
+        """Rank 0: the full weights in the rollout engines' dtype (model.dtype), possibly the live
+        parameters (the caller packs them into buckets at once); None on other ranks.
+        Collective under ZeRO-3. On CPU the learner trains in fp32 while a bf16 engine would
+        cast every tensor itself; casting here also halves the bytes moved."""
+        state = self.full_state_dict(copy=False, device=device)
+        if state is None:
+            return None
+        engine_dtype = getattr(torch, self.spec.model.dtype)
+        return {name: tensor.to(engine_dtype) for name, tensor in state.items()}
 
     def publish_weights(self, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Any] | None:
         """Rank 0: the full weights as bucket ObjectRefs in the Ray object store (see
         learners.weight_sync); None on other ranks. Collective under ZeRO-3."""
-        state = self.full_state_dict(copy=False)  # packing the buckets copies them
+        state = self._engine_weights()
+        return None if state is None else put_weights(state, bucket_bytes=bucket_bytes)
+
+    # ------------------------------------------------------------------ collective weight sync
+    # learner.weight_transport = "collective": rank 0 is rank 0 of a process group with the
+    # rollout workers (learners.weight_sync.WeightGroup). These calls return a failure of that
+    # group as a WeightGroupError VALUE, not raised, so that the driver can tell it from a
+    # failed learner rank (it falls back to the object store; a learner fault ends the run).
+
+    def open_weight_group(
+        self,
+        *,
+        world_size: int,
+        generation: int,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> WeightGroupSpec | WeightGroupError | None:
+        """Rank 0: close any previous group, host a new one's store on this node and plan its
+        buckets from the current weights; its spec, for the rollout workers. None on other ranks.
+        Collective under ZeRO-3 (the weights are gathered to plan the buckets)."""
+        import ray
+
+        res = self.spec.resources  # NCCL (NOT RUN HERE) needs whole GPUs on both ends
+        backend = collective_backend(res.gpus_per_learner, res.gpus_per_rollout_worker)
+        state = self._engine_weights(device=self.device if backend == "nccl" else "cpu")
         if state is None:
             return None
-        # In the rollout engines' dtype (model.dtype): on CPU the learner trains in fp32 while a
-        # bf16 engine would cast every tensor itself; casting here also halves the bytes moved.
-        engine_dtype = getattr(torch, self.spec.model.dtype)
-        state = {name: tensor.to(engine_dtype) for name, tensor in state.items()}
-        return put_weights(state, bucket_bytes=bucket_bytes)
+        self.close_weight_group()
+        try:
+            self._weight_group = WeightGroup.host(
+                state,
+                address=ray.util.get_node_ip_address(),
+                world_size=world_size,
+                generation=generation,
+                backend=backend,
+                timeout_s=self.spec.learner.collective_timeout_s,
+                bucket_bytes=bucket_bytes,
+            )
+        except WeightGroupError as err:
+            return err
+        return self._weight_group.spec
+
+    def join_weight_group(self) -> WeightGroupError | None:
+        """Rank 0: connect to the group opened last; returns once every rollout worker in it
+        has connected too (they are told to by the driver at the same time)."""
+        if self._weight_group is None:
+            return WeightGroupError(f"learner rank {self.rank} has no weight group to join")
+        try:
+            self._weight_group.connect()
+        except WeightGroupError as err:
+            self._weight_group = None
+            return err
+        return None
+
+    def broadcast_weights(self, *, generation: int) -> int | WeightGroupError | None:
+        """Rank 0: send the current weights (in the engines' dtype) to the group's rollout
+        workers, bucket by bucket; the bytes sent. None on other ranks. Collective under
+        ZeRO-3 (the weights are gathered first)."""
+        group = self._weight_group
+        on_device = group is not None and group.device.type != "cpu"
+        state = self._engine_weights(device=group.device if on_device else "cpu")
+        if state is None:
+            return None
+        if group is None or not group.connected or group.spec.generation != generation:
+            self.close_weight_group()  # receivers of a group it is in fail at once
+            return WeightGroupError(
+                f"learner rank {self.rank} is not connected to weight group {generation}"
+            )
+        try:
+            return group.send(state)
+        except WeightGroupError as err:
+            self._weight_group = None  # send closed it already
+            return err
+
+    def close_weight_group(self) -> None:
+        """Leave the weight group (rank 0 also stops its store). Idempotent."""
+        group, self._weight_group = self._weight_group, None
+        if group is not None:
+            group.close()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -607,6 +698,7 @@ class LearnerRank:
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        self.close_weight_group()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         self.engine = None

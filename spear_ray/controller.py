@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,8 +205,12 @@ class Controller:
         )
 
     def _sync_weights(self, version: int) -> None:
+        """The learners' weights to every rollout worker as `version`, by
+        learner.weight_transport (a failed collective sync falls back to the object store)."""
         self.weight_version = version
-        self.rollouts.update_weights(self.learners.publish_weights(), self.weight_version)
+        self.rollouts.sync_weights(
+            self.learners, version, transport=self.config.learner.weight_transport, log=self.log
+        )
 
     # ------------------------------------------------------------------ rollouts
 
@@ -254,8 +258,7 @@ class Controller:
         step = self.learners.load_checkpoint(directory=str(directory / "learner"))
         if self.buffer is not None and (directory / "buffer.npz").exists():
             ray.get(self.buffer.load.remote(str(directory / "buffer.npz")))
-        self.weight_version = step + 1
-        self.rollouts.update_weights(self.learners.publish_weights(), self.weight_version)
+        self._sync_weights(version=step + 1)
         return step
 
     def restore_latest(self, log=None) -> tuple[Path | None, int]:
@@ -276,6 +279,8 @@ class Controller:
         return checkpoint, self.restore(checkpoint)
 
     def shutdown(self) -> None:
+        with suppress(Exception):  # best effort: the processes go next anyway
+            self.rollouts.close_weight_group(self.learners)
         self.rollouts.shutdown()
         if self.learners is not None:
             self.learners.shutdown()

@@ -21,9 +21,10 @@ is sampled by exactly one version, recorded on it.
 GPU (not yet run on one): the code has no CPU-only path except the engine arguments chosen in
 `__init__`; `reload_weights` is generic vLLM. With tensor_parallel_size > 1 vLLM's executor runs
 workers in other processes and the tensors would be pickled to them through `collective_rpc`:
-fine for small models, too slow for large ones. Broadcasting weights from the learner over NCCL
-without a host copy is a later step (the learner issue): it replaces the body of `_reload` and
-keeps the version/drain logic here.
+fine for small models, too slow for large ones. With `learner.weight_transport: collective` the
+rollout worker receives the weights over NCCL (gloo on CPU) into buffers of its own process
+(learners.weight_sync.WeightGroup) and hands them to `update_weights` like any others, so the
+version/drain logic here is the same for both transports.
 """
 
 from __future__ import annotations

@@ -362,7 +362,7 @@ def _candidates(value, info):
     if isinstance(value, str):
         return [f"{value}x"]
     if isinstance(value, (list, tuple)):
-        return ["[jsonl, tensorboard]", "[0.8, 0.9]"]
+        return ["[jsonl, tensorboard]", "[0.8, 0.9]", "[/opt/spear-test]"]  # last: paths
     if value is None:
         return [1.5, 2, "x"]
     return []
@@ -444,3 +444,16 @@ def test_rollout_worker_threads_reach_the_engine_process():
     options = rollout_actor_options(rollout_spec(threaded), 0)
     assert options["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "3"}}
     assert options["num_cpus"] == 1.0  # the reservation is unchanged
+
+
+def test_weight_transport_is_a_learner_field_the_controller_passes_on():
+    from spear_ray.recipe import learner_spec
+
+    default = load_config("demo")
+    assert default.learner.weight_transport == "object_store"
+    collective = load_config("demo", ["learner.weight_transport=collective"])
+    assert collective.learner.weight_transport == "collective"
+    assert learner_spec(collective).learner.weight_transport == "collective"  # reaches the ranks
+    message = _error("demo", ["learner.weight_transport=nccl"])
+    assert "learner.weight_transport" in message
+    assert "'object_store' or 'collective'" in message and "nccl" in message
