@@ -260,7 +260,10 @@ def test_a_step_without_one_valid_row_skips_the_update_and_counts_it(trajectorie
     ctl = Controller.__new__(Controller)  # the real step on fake actor groups
     ctl.config, ctl.recipe, ctl.pad_token_id = config, Recipe.from_config(config), 0
     ctl.buffer, ctl.learners, ctl.guard, ctl.weight_version = None, learners, NonFiniteGuard(3), 0
-    ctl.rollouts = SimpleNamespace(update_weights=lambda w, v: synced.append((w, v)))
+    ctl.log = print
+    ctl.rollouts = SimpleNamespace(
+        sync_weights=lambda group, v, **_: synced.append((group.publish_weights(), v))
+    )
     ctl._pending = SimpleNamespace(all=lambda: list(trajectories), counts=counts, wall_seconds=2.0)
     metrics = ctl.step(0)
     usable = any(t.is_valid for t in trajectories)
