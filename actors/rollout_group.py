@@ -427,14 +427,10 @@ class RolloutGroup:
                 )
                 for i in members
             }
-            problems = []
-            try:
-                learners.broadcast_weights(generation=group.generation)
-            except WeightGroupError as err:  # rank 0 closed its end: the receivers fail at once
-                problems.append(str(err))
-            results, failed = self._member_results(refs)
-            if problems or failed:
-                raise WeightGroupError("; ".join(problems + failed))
+            # if rank 0 fails, it closed its end: the receivers fail at once
+            results = self._together(
+                refs, lambda: learners.broadcast_weights(generation=group.generation)
+            )
             for i, have in results.items():
                 versions[i] = have
         # Kept for a worker that restarts later; published (object store) only if one does. The
@@ -455,15 +451,23 @@ class RolloutGroup:
             i: self.workers[i].join_weight_group.remote(spec=spec, rank=k + 1)
             for k, i in enumerate(members)
         }
+        # join_weight_group returns when every member has joined, or fails
+        self._together(refs, learners.join_weight_group)
+        return self._weight_group
+
+    def _together(self, refs: dict[int, ray.ObjectRef], learner_call) -> dict[int, Any]:
+        """Learner rank 0's side of a weight-group call (`learner_call`) while the workers'
+        (`refs`) run; the workers' answers, or one WeightGroupError naming every side that
+        failed (the learner's failure does not stop the workers' answers being collected)."""
         problems = []
         try:
-            learners.join_weight_group()  # returns when every member has joined, or fails
+            learner_call()
         except WeightGroupError as err:
             problems.append(str(err))
-        _, failed = self._member_results(refs)
+        results, failed = self._member_results(refs)
         if problems or failed:
             raise WeightGroupError("; ".join(problems + failed))
-        return self._weight_group
+        return results
 
     def _member_results(self, refs: dict[int, ray.ObjectRef]) -> tuple[dict[int, Any], list[str]]:
         """The workers' answers to a weight-group call, and one line per worker that failed (a

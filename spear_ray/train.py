@@ -40,14 +40,9 @@ def run_training(
     out = TrainOutput(config.run.total_steps, mode=output, log=log)
     out.notice(f"run directory: {run.path}")
     stepped = resume  # a resumed run has trained before; a new one after its first step
+    reporter = controller = None
     try:
         reporter = Reporter.open(config, run)  # first: a logger that cannot start fails fast
-    except BaseException:
-        if not stepped:
-            _remove_unstarted_run(run, out.notice)
-        raise
-    controller = None
-    try:
         model_dir = resolve_model_path(config.model.path)
         tokenizer = AutoTokenizer.from_pretrained(
             str(
@@ -106,7 +101,8 @@ def run_training(
         out.close()
         if controller is not None:
             controller.shutdown()
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
         if not stepped:
             _remove_unstarted_run(run, out.notice)
 

@@ -130,7 +130,6 @@ class VLLMEngine:
         # per training step. VLLM_LOGGING_LEVEL=INFO in the environment brings it back.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
 
         _quiet_rotary_reload_warning()
 
@@ -178,13 +177,10 @@ class VLLMEngine:
         started = time.perf_counter()
         built: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(
-            target=self._run,
-            args=(lambda: LLMEngine.from_engine_args(args, enable_multiprocessing=False), built),
-            name="vllm-engine",
-            daemon=True,
+            target=self._run, args=(args, built), name="vllm-engine", daemon=True
         )
         self._thread.start()
-        self._engine = built.result()  # re-raises what the build raised
+        built.result()  # the engine thread set self._engine; re-raises what the build raised
         self.startup_s = time.perf_counter() - started
 
     # ------------------------------------------------------------------ the Engine contract
@@ -246,13 +242,15 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ the engine thread
 
-    def _run(self, build_engine, built: concurrent.futures.Future) -> None:
+    def _run(self, engine_args, built: concurrent.futures.Future) -> None:
+        from vllm.v1.engine.llm_engine import LLMEngine
+
         try:
-            self._engine = build_engine()
+            self._engine = LLMEngine.from_engine_args(engine_args, enable_multiprocessing=False)
         except BaseException as exc:
             built.set_exception(exc)
             return
-        built.set_result(self._engine)
+        built.set_result(None)
         waiting: deque[_Request] = deque()  # not yet admitted (an update is pending)
         updates: deque[_Update] = deque()
         live: dict[str, _Request] = {}  # admitted to vLLM, not finished

@@ -157,7 +157,9 @@ def _acquire(memory_mb: int) -> CheckerProcess:
             checker = pool.idle.get_nowait()
             if checker.alive():
                 return checker
-            checker.kill()  # reap it
+            checker.kill()  # died while idle: reap it and forget it
+            with _pools_lock:
+                pool.all.remove(checker)
     except queue.Empty:
         pass
     checker = CheckerProcess(memory_mb)
