@@ -1,11 +1,15 @@
 """docs/results.json from an experiment's summary.json: per env and variant, the per-seed final
-success rates and the steps each seed took to reach the baseline's (GRPO's) final success.
+success rates, the steps each seed took to reach the baseline's (GRPO's) final success, the
+held-out success per evaluation step (seed mean), the train success over the second half, and
+the paired differences to the baseline with their 95% t-intervals.
 
     .venv/bin/python scripts/results_json.py experiments/learning-evidence/summary.json \
         docs/results.json [--wall-seconds S] [--machine TEXT] [--command TEXT]
 
 Every number is copied from summary.json (spear_ray/experiments/summary.py says how each is
-computed); nothing is recomputed here. `null` = a seed that never reached the baseline.
+computed); nothing is recomputed here. `null` = a seed that never reached the baseline (or a
+missing value). `steps_to_baseline_final_degenerate`: the baseline's final success is at or below
+the env's `common_start` (step-0 held-out success), so reaching it says nothing.
 """
 
 from __future__ import annotations
@@ -22,21 +26,32 @@ def results_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
     for env_name, env in summary["envs"].items():
         variants = {}
         for name, variant in env["variants"].items():
-            reach = variant["steps_to_baseline_final"]
+            reach = variant.get("steps_to_baseline_final") or {}
+            half = variant["train_success_second_half"]
             variants[name] = {
                 "seeds": variant["seeds"],
                 "final_success_per_seed": variant["final_eval_success"]["per_seed"],
                 "final_success_mean": variant["final_eval_success"]["mean"],
                 "final_success_std": variant["final_eval_success"]["std"],
                 "final_train_success_per_seed": variant["final_train_success"]["per_seed"],
-                "steps_to_baseline_final_per_seed": reach["per_seed"],
-                "steps_to_baseline_final_of_seed_mean_curve": reach["mean_curve"],
+                "train_success_second_half_per_seed": half["per_seed"],
+                "train_success_second_half_mean": half["mean"],
+                "train_success_second_half_std": half["std"],
+                "eval_points_steps": [point["step"] for point in variant["eval_points"]],
+                "eval_points_seed_mean": [point["mean"] for point in variant["eval_points"]],
+                "steps_to_baseline_final_per_seed": reach.get("per_seed"),
+                "steps_to_baseline_final_of_seed_mean_curve": reach.get("mean_curve"),
+                "steps_to_baseline_final_degenerate": reach.get("degenerate"),
+                "steps_to_baseline_final_degenerate_reason": reach.get("degenerate_reason"),
                 "replay_steps_per_seed": variant["replay_steps"],
             }
+            if "paired_vs_baseline" in variant:
+                variants[name]["paired_vs_baseline"] = variant["paired_vs_baseline"]
         envs[env_name] = {
             "success_source": env["success_source"],
             "baseline": env["baseline"],
             "baseline_final_success": env["baseline_final_success"],
+            "common_start": env["common_start"],
             "trajectories_per_run": env["trajectories_per_run"],
             "unfinished_runs": env["unfinished_runs"],
             "variants": variants,

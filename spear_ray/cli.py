@@ -6,6 +6,7 @@
     spear-ray train [--config NAME|FILE] [dotted.key=value ...] [--address ADDR] [--quiet]
     spear-ray train --resume RUN_DIR                         continue a run from its checkpoint
     spear-ray experiment SPEC.yaml [--out DIR] [--dry-run | --summary-only] [--keep-going]
+                                   [--commit]               a grid, each run committed to git
     spear-ray plot RUN_DIR... [--out PNG] [--window N]        learning curves of runs, overlaid
     spear-ray export CHECKPOINT --to DIR                     the policy as an HF model directory
     spear-ray eval --checkpoint DIR [--env NAME] [--tasks N] [--temperature T] [key=value ...]
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from spear_ray.config import ConfigError, config_to_yaml, load_config, preset_names
 
@@ -90,6 +92,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     experiment.add_argument(
         "--keep-going", action="store_true", help="go on with the next run when one fails"
+    )
+    experiment.add_argument(
+        "--commit",
+        action="store_true",
+        help="commit each run's config.yaml, metrics.jsonl and FINISHED to git as it finishes "
+        "(and finished runs not yet committed, at the start; the summary at the end), so a fresh "
+        "clone continues the grid; the experiment directory must be inside a git work tree",
     )
     _add_quiet_option(experiment, "no per-step lines of the runs (for `ray job submit`)")
 
@@ -216,23 +225,40 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _experiment_command(args: argparse.Namespace) -> int:
     from spear_ray.experiments import ExperimentError, load_spec, plan_runs, run_experiment
+    from spear_ray.experiments.runner import FINISHED, GitRecorder, commit_finished_runs
     from spear_ray.experiments.summary import write_summary
 
     spec = load_spec(args.spec)
     root = args.out or spec.default_output_dir()
+    recorder = GitRecorder.for_output(root, spec.name, print) if args.commit else None
     if args.dry_run:
         plan = plan_runs(spec, root)
         for i, planned in enumerate(plan, 1):
-            print(f"[{i}/{len(plan)}] {planned.run.label}: {planned.state}  ({planned.path})")
+            state = planned.state
+            if recorder is not None and state == FINISHED and recorder.run_pending(planned):
+                state += ", not yet committed"
+            print(f"[{i}/{len(plan)}] {planned.run.label}: {state}  ({planned.path})")
         return 0
     if args.summary_only:
-        write_summary(spec, root)
+        if recorder is not None:
+            plan = plan_runs(spec, root)
+            commit_finished_runs(plan, recorder, print)
+        summary = write_summary(spec, root)
+        if recorder is not None:
+            recorder.commit_summary(Path(root), summary, len(plan))
         return 0
     from spear_ray.console import quiet_log
 
     log = quiet_log(print) if args.quiet else print
     try:
-        run_experiment(spec, root, address=args.address, keep_going=args.keep_going, log=log)
+        run_experiment(
+            spec,
+            root,
+            address=args.address,
+            keep_going=args.keep_going,
+            log=log,
+            commit=args.commit,
+        )
     except ExperimentError as err:
         print(f"spear-ray: {err}", file=sys.stderr)
         return 1

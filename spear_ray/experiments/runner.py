@@ -14,11 +14,21 @@ two at once). Each run's state decides what happens to it:
 
 A run whose config.yaml no longer matches what the spec gives (the spec was edited) is an error
 naming the fields that differ: delete that run directory, or restore the spec.
+
+With `commit=True` (`--commit`) the grid records itself in git as it goes, so any machine can
+continue it from a fresh clone: right after a run's FINISHED marker is written, exactly its
+config.yaml, metrics.jsonl and FINISHED are force-added (the experiment directory may be
+git-ignored) and committed on their own (`git commit --only -- <paths>`: other staged or modified
+files of the repository stay as they are); runs already finished but not yet committed are
+committed when the grid starts (a run finished by its checkpoints gets its marker first), and
+spec.yaml, summary.json, summary.md and the plots at the end. A failed commit (a lock, no
+identity) is one logged line: the run stays finished on disk and is committed by the next start.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +105,162 @@ def plan_runs(spec: ExperimentSpec, root: str | Path) -> list[PlannedRun]:
     return out
 
 
+# ----------------------------------------------------------------------------- git (--commit)
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", FINISHED_MARKER)  # all a finished run needs
+GIT_TIMEOUT_S = 120
+
+
+def git_work_tree(path: str | Path) -> Path | None:
+    """The top of the git work tree that holds `path` (or, if it does not exist yet, its nearest
+    existing parent); None when there is none (or no git)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(probe), "rev-parse", "--show-toplevel"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=GIT_TIMEOUT_S,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = out.stdout.strip()
+    return Path(top).resolve() if out.returncode == 0 and top else None
+
+
+class GitRecorder:
+    """Commits a finished run's files (or the summary's) to the git work tree holding the
+    experiment, each commit holding only those paths. Never raises: a failure is one log line."""
+
+    def __init__(self, repo: Path, experiment: str, log: Callable[[str], None]):
+        self.repo = repo
+        self.experiment = experiment
+        self.log = log
+
+    @classmethod
+    def for_output(
+        cls, root: str | Path, experiment: str, log: Callable[[str], None]
+    ) -> GitRecorder:
+        repo = git_work_tree(root)
+        if repo is None:
+            raise SpecError(
+                f"--commit: {root} is not inside a git work tree; run the experiment in a clone "
+                f"of the repository that keeps its results (or drop --commit)"
+            )
+        return cls(repo, experiment, log)
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess:
+        # no stdin (git never waits for a prompt) and a time limit (a hung git, e.g. a signing
+        # agent, is a failed commit, not a stopped grid)
+        return subprocess.run(
+            ["git", "-C", str(self.repo), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=GIT_TIMEOUT_S,
+        )
+
+    def _relative(self, paths: list[Path]) -> list[str]:
+        return [str(Path(p).resolve().relative_to(self.repo)) for p in paths if Path(p).is_file()]
+
+    def pending(self, paths: list[Path]) -> bool:
+        """Some of `paths` is untracked (ignored or not) or differs from HEAD or the index."""
+        rel = self._relative(paths)
+        if not rel:
+            return False
+        out = self._git(
+            "status", "--porcelain", "--ignored=matching", "--untracked-files=all", "--", *rel
+        )
+        return out.returncode != 0 or bool(out.stdout.strip())
+
+    def commit(self, paths: list[Path], message: str, what: str) -> bool:
+        """Force-add `paths` and commit only them; False (and one logged line) if git refused."""
+        try:
+            rel = self._relative(paths)
+            if not rel or not self.pending(paths):
+                return True
+            for args in (
+                ("add", "--force", "--", *rel),
+                ("commit", "--quiet", "--only", "-m", message, "--", *rel),
+            ):
+                out = self._git(*args)
+                if out.returncode != 0:
+                    problem = (out.stderr.strip() or out.stdout.strip() or "no output").splitlines()
+                    self.log(
+                        f"{what}: git {args[0]} failed ({problem[0]}); not committed, the next "
+                        f"start commits it"
+                    )
+                    return False
+            head = self._git("rev-parse", "--short", "HEAD").stdout.strip()
+            self.log(f"{what}: committed {head}")
+            return True
+        except Exception as err:  # never lose a run or stop the grid over git
+            self.log(f"{what}: commit failed ({type(err).__name__}: {err}); going on")
+            return False
+
+    def run_paths(self, planned: PlannedRun) -> list[Path]:
+        return [planned.path / name for name in RUN_FILES]
+
+    def run_pending(self, planned: PlannedRun) -> bool:
+        try:
+            return self.pending(self.run_paths(planned))
+        except Exception:
+            return True
+
+    def commit_run(self, planned: PlannedRun, what: str) -> bool:
+        from spear_ray.experiments.summary import final_eval_success
+        from spear_ray.plots import read_curves
+
+        steps = planned.config.run.total_steps
+        try:
+            success = final_eval_success(read_curves(planned.path), steps)
+        except Exception:
+            success = None
+        result = (
+            f"final held-out success {success:.3f}"
+            if success is not None
+            else "no final held-out success"
+        )
+        message = (
+            f"experiment {self.experiment}: {planned.run.label} finished ({steps} steps, {result})"
+        )
+        return self.commit(self.run_paths(planned), message, what)
+
+    def commit_summary(self, root: Path, summary: dict[str, Any], total_runs: int) -> bool:
+        plots = [root / p for paths in summary.get("plots", {}).values() for p in paths]
+        paths = [root / "spec.yaml", root / "summary.json", root / "summary.md", *plots]
+        finished = sum(
+            len(entry["seeds"])
+            for env in summary["envs"].values()
+            for entry in env["variants"].values()
+        )
+        message = f"experiment {self.experiment}: summary ({finished}/{total_runs} runs finished)"
+        return self.commit(paths, message, "summary")
+
+
+def commit_finished_runs(
+    plan: list[PlannedRun], recorder: GitRecorder, log: Callable[[str], None]
+) -> None:
+    """Commit the runs that are finished but not (or not wholly) committed; a run finished by its
+    final checkpoint (before the marker existed) gets its marker first, so that a clone without
+    checkpoints sees it finished."""
+    for i, planned in enumerate(plan, 1):
+        if planned.state != FINISHED:
+            continue
+        tag = f"[{i}/{len(plan)}] {planned.run.label}"
+        marker = planned.path / FINISHED_MARKER
+        if not marker.is_file():
+            _write_marker(planned)
+            log(f"{tag}: finished by its final checkpoint; wrote its {FINISHED_MARKER} marker")
+        if recorder.run_pending(planned):
+            recorder.commit_run(planned, tag)
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
@@ -110,15 +276,19 @@ def run_experiment(
     keep_going: bool = False,
     log: Callable[[str], None] = print,
     train: Callable[..., Any] | None = None,
+    commit: bool = False,
 ) -> dict[str, Any]:
     """Run every unfinished run of the grid, then write the summary; returns the summary.
 
     `train` replaces `spear_ray.train.run_training` (tests); without it, Ray is started here (or
-    joined at `address`) once for all runs and shut down at the end if started here.
+    joined at `address`) once for all runs and shut down at the end if started here. `commit`:
+    commit each run to git as it finishes, and the summary at the end (the module docstring);
+    a SpecError before anything runs if `root` is not inside a git work tree.
     """
     from spear_ray.experiments.summary import write_summary
 
     root = Path(root) if root is not None else spec.default_output_dir()
+    recorder = GitRecorder.for_output(root, spec.name, log) if commit else None
     plan = plan_runs(spec, root)
     counts = {state: sum(p.state == state for p in plan) for state in (NEW, RESUME, RESTART)}
     to_run = sum(counts.values())
@@ -129,6 +299,8 @@ def run_experiment(
     root.mkdir(parents=True, exist_ok=True)
     if spec.text:
         (root / "spec.yaml").write_text(spec.text, encoding="utf-8")
+    if recorder is not None:
+        commit_finished_runs(plan, recorder, log)
 
     failures: list[str] = []
     durations: list[float] = []
@@ -163,6 +335,8 @@ def run_experiment(
             else:
                 durations.append(time.perf_counter() - t0)
                 log(f"{tag}: done in {_duration(durations[-1])}")
+                if recorder is not None:
+                    recorder.commit_run(planned, tag)
             done += 1
     finally:
         if started_ray:
@@ -170,6 +344,8 @@ def run_experiment(
 
             ray.shutdown()
     summary = write_summary(spec, root, log=log)
+    if recorder is not None:
+        recorder.commit_summary(root, summary, len(plan))
     if failures:
         raise ExperimentError(f"{len(failures)} run(s) failed: " + "; ".join(failures))
     return summary
@@ -192,5 +368,9 @@ def _train_one(planned: PlannedRun, train: Callable[..., Any], log) -> None:
     else:
         train(planned.config, run=RunDir.create(planned.config), resume=False, log=log)
     # written last, so a marker always means the whole run (final eval and checkpoint) is done
+    _write_marker(planned)
+
+
+def _write_marker(planned: PlannedRun) -> None:
     marker = planned.path / FINISHED_MARKER
     marker.write_text(f"{planned.config.run.total_steps} steps\n", encoding="utf-8")

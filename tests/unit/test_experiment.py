@@ -22,7 +22,13 @@ from spear_ray.experiments import (
     run_experiment,
     run_state,
 )
-from spear_ray.experiments.summary import summarize_env
+from spear_ray.experiments.summary import (
+    T_975,
+    paired_differences,
+    render_markdown,
+    summarize_env,
+    t_quantile_975,
+)
 from spear_ray.experiments.variants import (
     VARIANT_KEYS,
     VARIANTS,
@@ -390,6 +396,162 @@ def test_no_baseline_no_steps_to_baseline(tmp_path):
     assert "steps_to_baseline_final" not in out["variants"]["drbot"]
 
 
+# ----------------------------------------------------------------------------- report statistics
+
+
+def test_paired_differences_and_their_t_interval_by_hand():
+    out = paired_differences([0, 1, 2], [0.6, 0.7, 0.8], [0, 1, 2], [0.5, 0.5, 0.5])
+    assert out["seeds"] == [0, 1, 2] and out["n"] == 3
+    assert out["differences"] == pytest.approx([0.1, 0.2, 0.3])
+    assert out["mean"] == pytest.approx(0.2) and out["std"] == pytest.approx(0.1)
+    assert out["t_quantile"] == pytest.approx(4.303, abs=5e-4)
+    assert out["half_width"] == pytest.approx(4.303 * 0.1 / math.sqrt(3), abs=1e-4)  # 0.2484
+    assert out["ci95"] == pytest.approx([0.2 - 0.2484, 0.2 + 0.2484], abs=1e-4)
+    # only seeds both have: seed 2 has no baseline value, seed 3 no baseline run, seed 0 none
+    out = paired_differences([0, 1, 2, 3], [None, 0.9, 0.5, 0.4], [0, 1, 2], [0.1, 0.4, None])
+    assert (out["seeds"], out["n"]) == ([1], 1)
+    assert out["differences"] == pytest.approx([0.5]) and out["mean"] == pytest.approx(0.5)
+    assert out["std"] is out["ci95"] is out["half_width"] is out["t_quantile"] is None
+    out = paired_differences([0], [None], [0], [0.3])
+    assert (out["n"], out["mean"], out["ci95"]) == (0, None, None)
+
+
+def test_t_quantiles_with_and_without_scipy(monkeypatch):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for dof in range(1, 31):  # the fallback table is scipy's, rounded
+        assert T_975[dof - 1] == pytest.approx(scipy_stats.t.ppf(0.975, dof), abs=5e-4)
+    assert t_quantile_975(2) == pytest.approx(scipy_stats.t.ppf(0.975, 2))
+    monkeypatch.setitem(__import__("sys").modules, "scipy.stats", None)  # import fails
+    assert t_quantile_975(2) == 4.303 and t_quantile_975(30) == 2.042
+    for dof in (31, 40, 100, 1000):  # beyond the table: Cornish-Fisher, close to scipy's
+        assert t_quantile_975(dof) == pytest.approx(scipy_stats.t.ppf(0.975, dof), abs=2e-4)
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def _report_runs(tmp_path: Path, grpo_final: tuple[float, ...], start: float = 0.1):
+    """Three seeds of grpo and spear over 10 steps, held-out evals at steps 0, 5 and 10 (step 0
+    the same for both variants of a seed: they start from the same model)."""
+    steps = 10
+    spear_final = (0.6, 0.7, 0.8)
+    runs: dict[str, list] = {"grpo": [], "spear": []}
+    for seed in range(3):
+        s0 = start + 0.01 * (seed - 1)  # 0.09, 0.10, 0.11: mean `start`
+        # grpo: train success 0.2 in the first half, 0.4 + seed/10 in the second (steps 5-9)
+        grpo_train = {t: 0.2 if t < 5 else 0.4 + seed / 10 for t in range(steps)}
+        spear_train = {t: 0.3 if t < 5 else 0.5 + seed / 5 for t in range(steps)}
+        runs["grpo"].append(
+            (
+                seed,
+                _write_metrics(
+                    tmp_path / f"g{seed}", grpo_train, {0: s0, 5: 0.3, 10: grpo_final[seed]}
+                ),
+            )
+        )
+        spear_evals = {0: s0, 5: 0.4 + seed / 10, 10: spear_final[seed]}
+        if seed == 2:
+            del spear_evals[5]  # a seed without one of the evaluations
+        runs["spear"].append(
+            (seed, _write_metrics(tmp_path / f"s{seed}", spear_train, spear_evals))
+        )
+    return runs, steps
+
+
+def test_summary_report_statistics_by_hand(tmp_path):
+    runs, steps = _report_runs(tmp_path, grpo_final=(0.5, 0.5, 0.5))
+    out = summarize_env(runs, steps, "grpo")
+    assert out["common_start"] == pytest.approx(0.1)
+    assert out["common_start_per_seed"]["seeds"] == [0, 1, 2]
+    assert out["common_start_per_seed"]["per_seed"] == pytest.approx([0.09, 0.1, 0.11])
+    assert out["common_start_per_seed"]["max_spread"] == pytest.approx(0.0)
+    grpo, spear = out["variants"]["grpo"], out["variants"]["spear"]
+
+    points = spear["eval_points"]
+    assert [p["step"] for p in points] == [0, 5, 10]
+    assert points[0]["per_seed"] == pytest.approx([0.09, 0.1, 0.11])
+    assert points[0]["mean"] == pytest.approx(0.1) and points[0]["n"] == 3
+    assert (
+        points[1]["per_seed"][:2] == pytest.approx([0.4, 0.5]) and points[1]["per_seed"][2] is None
+    )
+    assert points[1]["mean"] == pytest.approx(0.45) and points[1]["n"] == 2
+    assert points[2]["mean"] == pytest.approx(0.7)
+    assert [p["mean"] for p in grpo["eval_points"]] == pytest.approx([0.1, 0.3, 0.5])
+
+    # steps >= 10 / 2: steps 5..9 only, the first half's values do not count
+    half = grpo["train_success_second_half"]
+    assert half["per_seed"] == pytest.approx([0.4, 0.5, 0.6])
+    assert half["mean"] == pytest.approx(0.5) and half["std"] == pytest.approx(0.1)
+    assert spear["train_success_second_half"]["per_seed"] == pytest.approx([0.5, 0.7, 0.9])
+
+    assert "paired_vs_baseline" not in grpo
+    paired = spear["paired_vs_baseline"]
+    assert paired["baseline"] == "grpo"
+    final = paired["final_eval_success"]
+    assert final["differences"] == pytest.approx([0.1, 0.2, 0.3]) and final["n"] == 3
+    assert final["mean"] == pytest.approx(0.2)
+    assert final["half_width"] == pytest.approx(0.2484, abs=1e-4)
+    assert final["ci95"] == pytest.approx([-0.0484, 0.4484], abs=1e-4)
+    train = paired["train_success_second_half"]
+    # (0.5, 0.7, 0.9) - (0.4, 0.5, 0.6)
+    assert train["differences"] == pytest.approx([0.1, 0.2, 0.3])
+    assert train["ci95"] == pytest.approx(final["ci95"], abs=1e-9)
+
+    # grpo's final (0.5) is above the common start (0.1): steps-to-baseline means something
+    for entry in (grpo, spear):
+        assert entry["steps_to_baseline_final"]["degenerate"] is False
+        assert entry["steps_to_baseline_final"]["degenerate_reason"] is None
+    # grpo's final 0.5: seed 0 is at 0.4 at step 5, seed 2 has no step-5 evaluation
+    assert spear["steps_to_baseline_final"]["per_seed"] == [10, 5, 10]
+
+
+def test_steps_to_baseline_is_degenerate_when_the_baseline_ends_at_the_common_start(tmp_path):
+    # grpo ends at 0.10 (seed mean of 0.05, 0.10, 0.15) = the common start 0.10: reached at step 0
+    runs, steps = _report_runs(tmp_path, grpo_final=(0.05, 0.1, 0.15))
+    out = summarize_env(runs, steps, "grpo")
+    assert out["baseline_final_success"] == pytest.approx(0.1)
+    assert out["common_start"] == pytest.approx(0.1)
+    reach = out["variants"]["spear"]["steps_to_baseline_final"]
+    assert reach["degenerate"] is True and reach["mean_curve"] == 0
+    assert (
+        "at or below the common start (step-0 held-out success) 0.100" in reach["degenerate_reason"]
+    )
+    assert out["variants"]["grpo"]["steps_to_baseline_final"]["degenerate"] is True
+    # just above the start: not degenerate
+    runs, steps = _report_runs(tmp_path / "above", grpo_final=(0.06, 0.1, 0.15))
+    reach = summarize_env(runs, steps, "grpo")["variants"]["spear"]["steps_to_baseline_final"]
+    assert reach["degenerate"] is False
+
+
+def test_the_markdown_shows_the_paired_table_and_the_eval_points(tmp_path):
+    runs, steps = _report_runs(tmp_path, grpo_final=(0.05, 0.1, 0.15))
+    summary = {
+        "experiment": "report",
+        "description": "",
+        "steps": steps,
+        "seeds": [0, 1, 2],
+        "baseline": "grpo",
+        "smoothing_window": 1,
+        "envs": {
+            "lake": {
+                "samples_per_step": 8,
+                "trajectories_per_run": 80,
+                "unfinished_runs": [],
+                **summarize_env(runs, steps, "grpo"),
+            }
+        },
+    }
+    markdown = render_markdown(summary, {"lake": ["plots/lake-success.png"]})
+    assert "Common start (step-0 held-out success, mean over seeds): 0.100." in markdown
+    assert "**Steps-to-baseline is degenerate here**: grpo's final success 0.100" in markdown
+    assert "| variant | Δ final eval success | n | Δ train success (2nd half) | n |" in markdown
+    # final: (0.6, 0.7, 0.8) - (0.05, 0.1, 0.15) = 0.55, 0.6, 0.65 -> 0.6 +- 4.303 * 0.05 / sqrt 3
+    assert "| spear | +0.600 [+0.476, +0.724] | 3 | +0.200 [-0.048, +0.448] | 3 |" in markdown
+    assert "| step | grpo | spear |" in markdown
+    assert "| 5 | 0.300 | 0.450 |" in markdown
+    assert "| spear | 0.700 ± 0.100 | " in markdown
+    assert "min-max band over seeds" in markdown
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -644,6 +806,225 @@ def test_results_json_copies_the_summarys_numbers(tmp_path, capsys):
     variants = results["envs"]["frozenlake"]["variants"]
     assert variants["drbot_spear"]["steps_to_baseline_final_per_seed"] == [4, 4]
     assert variants["grpo"]["steps_to_baseline_final_per_seed"] == [None, 4]
+    # the report's fields: every run starts at 0.0 held-out success, below GRPO's final
+    env = results["envs"]["frozenlake"]
+    assert env["common_start"] == 0.0
+    spear = variants["drbot_spear"]
+    assert spear["eval_points_steps"] == [0, 4]
+    assert spear["eval_points_seed_mean"] == pytest.approx([0.0, 0.405])
+    # steps 2 and 3 of 4: (0.3 + 0.4) / 2 and (0.31 + 0.41) / 2; GRPO's (0.15 + 0.2) / 2, ...
+    assert spear["train_success_second_half_per_seed"] == pytest.approx([0.35, 0.36])
+    assert variants["grpo"]["train_success_second_half_mean"] == pytest.approx(0.18)
+    assert spear["steps_to_baseline_final_degenerate"] is False
+    paired = spear["paired_vs_baseline"]
+    assert paired["final_eval_success"]["differences"] == pytest.approx([0.2, 0.2])
+    assert paired["final_eval_success"]["ci95"] == pytest.approx([0.2, 0.2])  # no spread
+    assert paired["train_success_second_half"]["mean"] == pytest.approx(0.175)
+    assert "paired_vs_baseline" not in variants["grpo"]
     capsys.readouterr()
     assert results_json.main([str(tmp_path / "missing.json"), str(out)]) == 2
     assert "not an experiment summary.json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --commit (git)
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git executable")
+
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+    )
+    return out.stdout
+
+
+def _identity(repo: Path) -> None:
+    _git(repo, "config", "user.name", "experiment test")
+    _git(repo, "config", "user.email", "test@example.invalid")
+    _git(repo, "config", "commit.gpgsign", "false")
+
+
+def _git_repo(path: Path) -> Path:
+    """A repository whose .gitignore ignores the experiment directory (as /experiments/ is in
+    this one), with one commit, one staged and one modified file of its own."""
+    path.mkdir()
+    _git(path, "init", "--quiet")
+    _identity(path)
+    (path / ".gitignore").write_text("/exp/\n")
+    (path / "notes.txt").write_text("a\n")
+    _git(path, "add", ".gitignore", "notes.txt")
+    _git(path, "commit", "--quiet", "-m", "initial")
+    (path / "staged.txt").write_text("staged\n")
+    _git(path, "add", "staged.txt")
+    (path / "notes.txt").write_text("a\nmodified\n")
+    return path
+
+
+def _commits(repo: Path) -> list[str]:
+    """Subjects, oldest first."""
+    return _git(repo, "log", "--reverse", "--format=%s").splitlines()
+
+
+def _files_of(repo: Path, subject: str) -> list[str]:
+    sha = _git(repo, "log", "--format=%H", "--fixed-strings", f"--grep={subject}").split()[0]
+    return sorted(_git(repo, "show", "--name-only", "--format=", sha).split())
+
+
+def _train_with_extras(calls: list, repo: Path, commits_at_start: list[int]):
+    """The fake trainer, also writing a buffer file (never committed) and noting how many
+    commits the repository had when each run started."""
+    inner = _fake_train(calls)
+
+    def train(config, *, run, resume, log):
+        commits_at_start.append(len(_commits(repo)))
+        run.buffer_dir.mkdir(parents=True, exist_ok=True)
+        (run.buffer_dir / "state.npz").write_bytes(b"buffer")
+        return inner(config, run=run, resume=resume, log=log)
+
+    return train
+
+
+@needs_git
+def test_commit_records_each_run_as_it_finishes_and_the_summary_at_the_end(tmp_path):
+    repo = _git_repo(tmp_path / "repo")
+    spec = parse_spec(_spec_dict(steps=2))
+    root = repo / "exp"
+    calls, counts, lines = [], [], []
+    run_experiment(
+        spec,
+        root,
+        log=lines.append,
+        train=_train_with_extras(calls, repo, counts),
+        commit=True,
+    )
+    assert len(calls) == 4
+    assert counts == [1, 2, 3, 4]  # each run was committed before the next one started
+    subjects = _commits(repo)
+    # final held-out success of the fake: 0.05 (0.1 with SPEAR) per step + 0.01 per seed
+    assert subjects[1:] == [
+        "experiment experiment: frozenlake/grpo/seed0 finished (2 steps, final held-out "
+        "success 0.100)",
+        "experiment experiment: frozenlake/drbot_spear/seed0 finished (2 steps, final "
+        "held-out success 0.200)",
+        "experiment experiment: frozenlake/grpo/seed1 finished (2 steps, final held-out "
+        "success 0.110)",
+        "experiment experiment: frozenlake/drbot_spear/seed1 finished (2 steps, final "
+        "held-out success 0.210)",
+        "experiment experiment: summary (4/4 runs finished)",
+    ]
+    run_dir = "exp/frozenlake/drbot_spear/seed0"
+    assert _files_of(repo, "drbot_spear/seed0 finished") == [
+        f"{run_dir}/FINISHED",
+        f"{run_dir}/config.yaml",
+        f"{run_dir}/metrics.jsonl",
+    ]
+    assert _files_of(repo, "summary (4/4") == [
+        "exp/plots/frozenlake-reward.png",
+        "exp/plots/frozenlake-success.png",
+        "exp/summary.json",
+        "exp/summary.md",
+    ]
+    tracked = _git(repo, "ls-files").split()
+    assert not [p for p in tracked if "/checkpoints/" in p or "/buffer/" in p]
+    assert "[1/4] frozenlake/grpo/seed0: committed" in " ".join(lines)
+    # the repository's own staged and modified files are left as they were
+    assert _git(repo, "status", "--porcelain").splitlines() == [" M notes.txt", "A  staged.txt"]
+    assert "staged.txt" not in _git(repo, "log", "--name-only", "--format=")  # in no commit
+    assert _git(repo, "show", "HEAD:notes.txt") == "a\n"
+
+    # a fresh clone holds only config.yaml, metrics.jsonl and FINISHED of each run: all finished
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "--quiet", str(repo), str(clone))
+    _identity(clone)
+    assert not list((clone / "exp").rglob("checkpoints"))
+    assert [p.state for p in plan_runs(spec, clone / "exp")] == ["finished"] * 4
+    again = []
+    summary = run_experiment(
+        spec, clone / "exp", log=lambda line: None, train=_fake_train(again), commit=True
+    )
+    assert again == []
+    assert summary["envs"]["frozenlake"]["variants"]["grpo"]["seeds"] == [0, 1]
+    assert not [s for s in _commits(clone)[len(subjects) :] if " finished (" in s]
+
+
+@needs_git
+def test_commit_outside_a_git_work_tree_is_one_line_before_any_run(tmp_path, capsys):
+    from spear_ray.experiments.runner import git_work_tree
+
+    outside = tmp_path / "plain" / "exp"
+    if git_work_tree(outside) is not None:
+        pytest.skip("the test's temporary directory lies inside a git work tree")
+    spec = parse_spec(_spec_dict(steps=2))
+    calls = []
+    with pytest.raises(SpecError, match=r"--commit: .* is not inside a git work tree"):
+        run_experiment(spec, outside, log=lambda line: None, train=_fake_train(calls), commit=True)
+    assert calls == [] and not outside.exists()
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "steps: 2\nenvs: [{name: frozenlake, overrides: {model.path: builtin:tiny-random}}]\n"
+        "variants: [grpo]\n"
+    )
+    assert main(["experiment", str(path), "--out", str(outside), "--commit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spear-ray: error: --commit: ") and "\n" not in err
+
+
+@needs_git
+def test_a_failed_commit_is_one_line_and_the_next_start_commits_the_run(tmp_path, capsys):
+    repo = _git_repo(tmp_path / "repo")
+    spec = parse_spec(_spec_dict(steps=2, seeds=[0]))
+    root = repo / "exp"
+    runs = {r.label: r for r in spec.runs()}
+    # finished before the marker existed (final checkpoint only) and never committed
+    done = runs["frozenlake/grpo/seed0"]
+    _fake_train([])(
+        done.config(root, 2),
+        run=RunDir.create(done.config(root, 2)),
+        resume=False,
+        log=lambda line: None,
+    )
+    assert not (done.path(root) / "FINISHED").exists()
+
+    lock = repo / ".git" / "index.lock"  # another git process, as far as git can tell
+    lock.write_text("")
+    calls, lines = [], []
+    run_experiment(spec, root, log=lines.append, train=_fake_train(calls), commit=True)
+    assert len(calls) == 1  # the grid went on
+    failed = [line for line in lines if "git add failed" in line]
+    assert len(failed) == 3  # the earlier run, the new one and the summary
+    assert all("index.lock" in line and "\n" not in line for line in failed)
+    assert any(line.startswith("[2/2] frozenlake/drbot_spear/seed0: git add") for line in failed)
+    assert (done.path(root) / "FINISHED").is_file()  # written at the start
+    assert (runs["frozenlake/drbot_spear/seed0"].path(root) / "FINISHED").is_file()
+    assert _commits(repo) == ["initial"]
+    # --dry-run --commit tells which finished runs are not committed yet
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "steps: 2\nseeds: [0]\n"
+        "envs: [{name: frozenlake, overrides: {model.path: builtin:tiny-random}}]\n"
+        "variants: [grpo, drbot_spear]\n"
+    )
+    assert main(["experiment", str(path), "--out", str(root), "--dry-run", "--commit"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert [line.split("  (")[0] for line in shown] == [
+        "[1/2] frozenlake/grpo/seed0: finished, not yet committed",
+        "[2/2] frozenlake/drbot_spear/seed0: finished, not yet committed",
+    ]
+
+    lock.unlink()
+    again, lines = [], []
+    run_experiment(spec, root, log=lines.append, train=_fake_train(again), commit=True)
+    assert again == []
+    assert _commits(repo)[1:] == [
+        "experiment experiment: frozenlake/grpo/seed0 finished (2 steps, final held-out "
+        "success 0.100)",
+        "experiment experiment: frozenlake/drbot_spear/seed0 finished (2 steps, final "
+        "held-out success 0.200)",
+        "experiment experiment: summary (2/2 runs finished)",
+    ]
+    # nothing left to commit: a third start commits no run
+    run_experiment(spec, root, log=lambda line: None, train=_fake_train(again), commit=True)
+    assert not [s for s in _commits(repo)[4:] if " finished (" in s]

@@ -122,7 +122,7 @@ def test_train_shows_a_bar_on_a_terminal_and_quiet_wins(fake_training, monkeypat
 def test_experiment_quiet_filters_the_runs_step_lines(monkeypatch, capsys):
     import spear_ray.experiments as experiments
 
-    def fake_run_experiment(spec, root, *, address, keep_going, log):
+    def fake_run_experiment(spec, root, *, address, keep_going, log, commit=False):
         log("[1/1] a/b/seed0 step 1/2  reward +0.100  (success ...)")
         log("[1/1] a/b/seed0: done in 5s")
 
