@@ -7,6 +7,7 @@ from buffers.replay_buffer import (
     ReplayBuffer,
     ReplayEntry,
     StepOrderError,
+    replay_batch_stats,
     replay_train_batch,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "ReplayBuffer",
     "ReplayEntry",
     "StepOrderError",
+    "replay_batch_stats",
     "replay_train_batch",
 ]

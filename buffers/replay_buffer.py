@@ -50,6 +50,7 @@ import torch
 
 from spear_ray.algo.replay import (
     admission_keep,
+    mean_row_advantage,
     nonnegative_keep,
     num_above_baseline,
     percentile50,
@@ -58,6 +59,7 @@ from spear_ray.algo.replay import (
     replay_triggered,
     sample_subset,
     stale_keep,
+    success_fraction,
 )
 from spear_ray.containers import RewardParts, TrainBatch, Trajectory, build_train_batch
 from spear_ray.recipe import ReplayRule
@@ -97,6 +99,9 @@ class ReplayEntry:
     weight_version: int  # version of the weights that sampled it
     prompt_length: int
     task_id: str = ""
+    # The env's task-success flag of the trajectory; None: unknown (a row restored from a
+    # checkpoint written before the buffer kept it). Only reported (replay/success_frac).
+    success: bool | None = None
     # Set only on the rows `replay_batch` returns: recalibrated per-token advantages (0 off mask).
     replay_advantages: np.ndarray | None = None
 
@@ -125,6 +130,7 @@ class ReplayEntry:
         self.tool_calls, self.group_id = int(self.tool_calls), int(self.group_id)
         self.step, self.weight_version = int(self.step), int(self.weight_version)
         self.prompt_length = int(self.prompt_length)
+        self.success = None if self.success is None else bool(self.success)
 
     @classmethod
     def from_batch_row(
@@ -154,11 +160,29 @@ class ReplayEntry:
             weight_version=traj.weight_version,
             prompt_length=traj.prompt_length,
             task_id=traj.task_id,
+            success=traj.success,
         )
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.size)
+
+
+def replay_batch_stats(entries: Sequence[ReplayEntry]) -> dict[str, float]:
+    """What a replay batch replayed, for the step's metrics row (as `replay/<key>`): `rows`,
+    `success_frac` (of the rows whose success flag is known) and `mean_advantage` (the mean
+    recalibrated advantage A_hat, each row once). {} for no replay."""
+    if not entries:
+        return {}
+    if any(e.replay_advantages is None for e in entries):
+        raise ValueError("replay_batch_stats needs rows returned by ReplayBuffer.replay_batch")
+    return {
+        "rows": len(entries),
+        "success_frac": success_fraction([e.success for e in entries]),
+        "mean_advantage": mean_row_advantage(
+            [e.replay_advantages for e in entries], [e.loss_mask for e in entries]
+        ),
+    }
 
 
 def replay_train_batch(entries: Sequence[ReplayEntry], pad_token_id: int) -> TrainBatch:
@@ -358,8 +382,8 @@ class ReplayBuffer:
         chosen = [survivors[i] for i in index]
         self._counters["replayed_last"] = len(chosen)
         self._counters["replayed_total"] += len(chosen)
-        self._counters["replay_mean_advantage_last"] = float(
-            np.mean([e.replay_advantages[e.loss_mask.astype(bool)].mean() for e in chosen])
+        self._counters["replay_mean_advantage_last"] = mean_row_advantage(
+            [e.replay_advantages for e in chosen], [e.loss_mask for e in chosen]
         )
         return chosen
 
@@ -543,6 +567,9 @@ _ROW_SCALARS = {
     "weight_version": np.int64,
     "prompt_length": np.int64,
 }
+# ReplayEntry.success in a checkpoint: int8, -1 unknown
+_SUCCESS_CODES: dict[bool | None, int] = {None: -1, False: 0, True: 1}
+_SUCCESS_FLAGS = {code: flag for flag, code in _SUCCESS_CODES.items()}
 _ROW_ARRAYS = {
     "token_ids": np.int32,
     "loss_mask": np.uint8,
@@ -565,12 +592,15 @@ def _pack(rows: Sequence[ReplayEntry], prefix: str) -> dict[str, np.ndarray]:
     for name, dtype in _ROW_SCALARS.items():
         out[prefix + name] = np.array([getattr(e, name) for e in rows], dtype=dtype)
     out[prefix + "task_id"] = np.array([e.task_id for e in rows], dtype=np.str_)
+    out[prefix + "success"] = np.array([_SUCCESS_CODES[e.success] for e in rows], dtype=np.int8)
     return out
 
 
 def _unpack(arrays: dict[str, np.ndarray], prefix: str) -> list[ReplayEntry]:
     offsets = arrays[prefix + "offsets"]
     per_token = [name for name in (*_ROW_ARRAYS, "replay_advantages") if prefix + name in arrays]
+    # checkpoints written before the success flag was kept have no such array: unknown
+    success = arrays.get(prefix + "success")
     rows = []
     for i in range(offsets.size - 1):
         lo, hi = int(offsets[i]), int(offsets[i + 1])
@@ -579,6 +609,7 @@ def _unpack(arrays: dict[str, np.ndarray], prefix: str) -> list[ReplayEntry]:
                 **{name: arrays[prefix + name][lo:hi] for name in per_token},
                 **{name: arrays[prefix + name][i] for name in _ROW_SCALARS},
                 task_id=str(arrays[prefix + "task_id"][i]),
+                success=None if success is None else _SUCCESS_FLAGS[int(success[i])],
             )
         )
     return rows
@@ -618,5 +649,6 @@ __all__ = [
     "ReplayBuffer",
     "ReplayEntry",
     "StepOrderError",
+    "replay_batch_stats",
     "replay_train_batch",
 ]

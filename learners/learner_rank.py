@@ -17,7 +17,8 @@ step): pack its rows into micro-batches by `tokens_per_micro_batch`, forward/bac
 the mini-batch's global loss divisors (summed over ranks, scaled to the on-policy mini-batch
 size), then one DeepSpeed step with gradient clipping. The replay phase runs the same loop on
 the replay batch with the replay loss constants and its loss scaled by w_SIL, as separate
-optimizer steps after the on-policy ones.
+optimizer steps after the on-policy ones, and measures what it did to the replayed rows'
+log-probs (`logp_change`, docs/algorithm.md §5).
 
 Devices. CPU (what runs here): DS_ACCELERATOR=cpu, gloo, fp32 whatever `model.dtype` says.
 GPU (written, NOT RUN here: no GPU on these machines): nccl, one GPU per rank (Ray sets
@@ -43,13 +44,15 @@ from torch import Tensor
 
 from learners.policy import (
     PHASES,
+    logprob_change_sums,
     micro_batch_loss,
-    micro_batches,
+    micro_batches_with_rows,
     mini_batch_divisors,
     num_mini_batches,
     pack_micro_batches,
     split_sizes,
     token_logprobs,
+    token_weighted_mean,
     trim_padding,
 )
 from learners.weight_sync import (
@@ -89,7 +92,12 @@ METRIC_REDUCTIONS: dict[str, str] = {
     "loss_tokens": "sum",  # loss tokens trained on (all epochs)
     "update_s": "max",
     "tokens_per_s": "sum",
+    # replay phase only: mean over the replayed rows' loss tokens of logp(after the update) -
+    # logp(before it), at the sampling temperature (each rank: its token sum / the GLOBAL count)
+    "logp_change": "sum",
 }
+# Metrics that only the replay phase reports (the on-policy update has every other one).
+REPLAY_ONLY_METRICS = frozenset({"logp_change"})
 
 _TOKEN_STATS = {  # metric -> MicroBatchLoss.sums key, divided by the global token count
     "entropy": "entropy",
@@ -367,6 +375,11 @@ class LearnerRank:
         unused); the caller asserts that is the recomputed value (one epoch, one mini-batch).
         Idempotent: a second call with a step <= the last one of this phase returns the
         metrics of the last call and changes nothing.
+        The replay phase also reports logp_change (REPLAY_ONLY_METRICS): the mean over its
+        rows' loss tokens of the log-prob after the update minus before it; 0.0 with
+        loss_weight 0 (no update). It costs one no-grad forward of the rows after the last
+        optimizer step, and one before the first unless the update is one epoch of one
+        mini-batch (then the update's own first forward saw the weights before it).
         """
         self._require_setup()
         if phase not in PHASES:
@@ -389,7 +402,17 @@ class LearnerRank:
             warmup_steps=learner.warmup_steps,
             total_steps=self.spec.total_steps,
         )
-        t0 = time.monotonic()
+        # replay/logp_change needs the replayed rows' log-probs before the first optimizer
+        # step. The update's own first forward gives them only with one epoch of one
+        # mini-batch (the same on every rank); otherwise a no-grad pass computes them first.
+        track = phase == "replay" and loss_weight > 0
+        reuse = learner.ppo_epochs == 1 and len(sizes) == 1
+        before: Tensor | None = None
+        if track:
+            before = (
+                torch.zeros(batch.input_ids.shape) if reuse else self.compute_logprobs(batch=batch)
+            )
+        t0 = time.monotonic()  # update_s: the optimizer steps only, not the metric's passes
         totals: dict[str, float] = defaultdict(float)
         if loss_weight > 0:
             for epoch in range(learner.ppo_epochs):
@@ -399,11 +422,29 @@ class LearnerRank:
                     start += size
                     seed = _seed(self.spec.seed, step, phase, epoch, index, self.rank)
                     self._train_mini_batch(
-                        mini, settings, loss_weight, lr, seed, totals, own_logp_old
+                        mini,
+                        settings,
+                        loss_weight,
+                        lr,
+                        seed,
+                        totals,
+                        own_logp_old,
+                        capture=before if track and reuse else None,
                     )
         metrics = self._finish_metrics(totals, lr, loss_weight, time.monotonic() - t0)
+        if phase == "replay":  # no update (loss_weight 0): the weights, so log-probs, are as before
+            metrics["logp_change"] = self._logp_change(batch, before) if track else 0.0
         self._done[phase] = (step, metrics)
         return dict(metrics)
+
+    def _logp_change(self, batch: TrainBatch, before: Tensor) -> float:
+        """This rank's part of replay/logp_change: the sum over its rows' loss tokens of
+        logp(now) - `before`, over the loss tokens of all ranks (so the ranks' parts add up to
+        the token-weighted mean over all rows). One no-grad pass (collective)."""
+        after = self.compute_logprobs(batch=batch)
+        total, tokens = logprob_change_sums(before, after, batch.loss_mask)
+        (all_tokens,) = self._all_reduce([tokens], "sum")
+        return token_weighted_mean(total, all_tokens)
 
     def _train_mini_batch(
         self,
@@ -414,11 +455,14 @@ class LearnerRank:
         seed: int,
         totals: dict[str, float],
         own_logp_old: bool = False,
+        capture: Tensor | None = None,
     ) -> None:
-        """Forward/backward every micro-batch of one mini-batch, then one optimizer step."""
+        """Forward/backward every micro-batch of one mini-batch, then one optimizer step.
+        capture: a [rows, length] tensor that receives the forwards' log-probs, row by row."""
         local = loss_divisors(mini.loss_mask)
         budget = self.spec.learner.tokens_per_micro_batch
-        pieces = micro_batches(mini, budget) if mini.rows else []
+        packed = micro_batches_with_rows(mini, budget) if mini.rows else []
+        pieces = [piece for _, piece in packed]
         num_tokens, num_rows = self._all_reduce(
             [float(local["num_tokens"]), float(mini.rows)], "sum"
         )
@@ -445,6 +489,9 @@ class LearnerRank:
                     own_logp_old=own_logp_old,
                 )
                 self.engine.backward(out.loss * scale)
+                if capture is not None and out.logp is not None:
+                    rows = torch.as_tensor(packed[k][0])
+                    capture[rows, : out.logp.shape[1]] = out.logp.float().cpu()
                 step_sums["pg_loss"] += out.pg_loss
                 step_sums["loss"] += loss_weight * (out.pg_loss + out.entropy_term)
                 for name, key in _TOKEN_STATS.items():
@@ -508,7 +555,9 @@ class LearnerRank:
             update_s=seconds,
             tokens_per_s=totals.get("tokens", 0.0) / seconds if seconds > 0 else 0.0,
         )
-        assert set(metrics) == set(METRIC_REDUCTIONS), "declare every metric's reduction"
+        assert set(metrics) == set(METRIC_REDUCTIONS) - REPLAY_ONLY_METRICS, (
+            "declare every metric's reduction"
+        )
         return metrics
 
     # ------------------------------------------------------------------ weights
@@ -757,6 +806,7 @@ def _seed(*parts: Any) -> int:
 
 __all__ = [
     "METRIC_REDUCTIONS",
+    "REPLAY_ONLY_METRICS",
     "LearnerRank",
     "deepspeed_config",
     "free_port",

@@ -151,9 +151,16 @@ def trim_padding(batch: TrainBatch) -> TrainBatch:
 
 def micro_batches(batch: TrainBatch, tokens_per_micro_batch: int) -> list[TrainBatch]:
     """`batch` packed by token budget (see pack_micro_batches), each trimmed of padding."""
+    return [piece for _, piece in micro_batches_with_rows(batch, tokens_per_micro_batch)]
+
+
+def micro_batches_with_rows(
+    batch: TrainBatch, tokens_per_micro_batch: int
+) -> list[tuple[list[int], TrainBatch]]:
+    """micro_batches, each with the indices of its rows in `batch`."""
     lengths = batch.attention_mask.sum(dim=-1).tolist()
     return [
-        trim_padding(batch.select(rows))
+        (rows, trim_padding(batch.select(rows)))
         for rows in pack_micro_batches(lengths, tokens_per_micro_batch)
     ]
 
@@ -184,12 +191,15 @@ class MicroBatchLoss:
     sums: detached token sums over the micro-batch's loss tokens, to be divided by the
     mini-batch's global token count: entropy, clipped, dual_clipped, cov_selected, approx_kl,
     ppo_kl, tokens.
+    logp: this forward's log-probs [rows, length] (detached, on the logits' device), aligned
+    with the micro-batch like token_logprobs.
     """
 
     loss: Tensor
     pg_loss: float
     entropy_term: float
     sums: dict[str, float]
+    logp: Tensor | None = None
 
 
 def micro_batch_loss(
@@ -250,15 +260,44 @@ def micro_batch_loss(
         pg_loss=values.pop("pg_loss"),
         entropy_term=values.pop("entropy_term"),
         sums=values,
+        logp=logp.detach(),
     )
+
+
+# --------------------------------------------------------------------------- replay metric ----
+
+
+def logprob_change_sums(before: Tensor, after: Tensor, loss_mask: Tensor) -> tuple[float, float]:
+    """(sum over loss tokens of after - before, number of loss tokens), in float64.
+
+    before/after: per-row token log-probs [rows, length] (as token_logprobs aligns them) under
+    the weights before and after an update; loss_mask marks the tokens that carry loss. Every
+    loss token counts once, so a row weighs by its loss tokens. A learner rank's part of
+    `replay/logp_change`: the token-weighted mean over all ranks' rows is the sum of the first
+    numbers over ranks divided by the sum of the second (`token_weighted_mean`)."""
+    if not before.shape == after.shape == loss_mask.shape:
+        raise ValueError(
+            f"shapes differ: before {tuple(before.shape)}, after {tuple(after.shape)}, "
+            f"loss_mask {tuple(loss_mask.shape)}"
+        )
+    on = loss_mask.bool()
+    delta = after.double() - before.double()
+    return float(torch.where(on, delta, torch.zeros_like(delta)).sum()), float(on.sum())
+
+
+def token_weighted_mean(total: float, tokens: float) -> float:
+    """total / tokens, NaN without tokens (a mean over no token is undefined, not 0)."""
+    return total / tokens if tokens > 0 else float("nan")
 
 
 __all__ = [
     "PHASES",
     "MicroBatchLoss",
     "Phase",
+    "logprob_change_sums",
     "micro_batch_loss",
     "micro_batches",
+    "micro_batches_with_rows",
     "mini_batch_divisors",
     "num_mini_batches",
     "pack_micro_batches",
@@ -266,5 +305,6 @@ __all__ = [
     "split_sizes",
     "token_entropy",
     "token_logprobs",
+    "token_weighted_mean",
     "trim_padding",
 ]

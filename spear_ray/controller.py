@@ -25,7 +25,7 @@ import ray
 
 from actors.rollout_group import PendingRollout, RolloutGroup, WeightsLostError
 from buffers.actor import spawn_replay_buffer
-from buffers.replay_buffer import ReplayEntry, replay_train_batch
+from buffers.replay_buffer import ReplayEntry, replay_batch_stats, replay_train_batch
 from learners.learner_group import LearnerGroup
 from spear_ray.agent.loop import Task
 from spear_ray.config import ConfigError, SpearConfig
@@ -154,6 +154,7 @@ class Controller:
                 weight_version=self.weight_version,
                 seconds=phase.seconds,
                 replay_rows=len(replay_rows or []),
+                replayed=replay_batch_stats(replay_rows or []),
                 rollout_counts=self._rollout_counts,
                 update_skipped=not trainable,
                 rollout_seconds=self._rollout_seconds,
@@ -307,6 +308,9 @@ class StepRecord:
     weight_version: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     replay_rows: int = 0
+    # what a replay update replayed (buffers.replay_buffer.replay_batch_stats: rows,
+    # success_frac, mean_advantage); {} on a step without one
+    replayed: dict[str, float] = field(default_factory=dict)
     rollout_counts: dict[str, int] = field(default_factory=dict)  # what worker faults cost
     update_skipped: bool = False
     rollout_seconds: float | None = None
@@ -344,6 +348,8 @@ def step_metrics(record: StepRecord) -> dict[str, Any]:
         out["rollout/tokens_per_s"] = generated / record.rollout_seconds
     out.update({f"update/{k}": v for k, v in record.on_policy.items()})
     out.update({f"replay/{k}": v for k, v in record.replay.items()})
+    # with the learners' replay/logp_change: the four per-replay keys (docs/algorithm.md §5)
+    out.update({f"replay/{k}": v for k, v in record.replayed.items()})
     out.update(
         {
             f"buffer/{k}": v

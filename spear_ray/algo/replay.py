@@ -264,11 +264,38 @@ def sample_subset(n: int, size: int, generator: torch.Generator | None = None) -
     return torch.randperm(n, generator=generator, device=device)[:size]
 
 
+# ------------------------------------------------------------- what a replay replayed (§5) ---
+
+
+def mean_row_advantage(token_advantages: Sequence[ArrayLike], masks: Sequence[ArrayLike]) -> float:
+    """Mean over replayed rows of each row's advantage, each row counted once: its mean over
+    its loss tokens (the recalibrated A_hat is broadcast over them, docs/algorithm.md §4, so
+    this is that one value; in `weight` mode with per-turn values, their token mean). Rows
+    without loss tokens are left out; NaN when none is left (metric `replay/mean_advantage`)."""
+    if len(token_advantages) != len(masks):
+        raise ValueError(f"{len(token_advantages)} rows of advantages but {len(masks)} masks")
+    per_row = []
+    for adv, mask in zip(token_advantages, masks, strict=True):
+        on = _numpy(mask) > 0
+        if on.any():
+            per_row.append(float(_numpy(adv)[on].mean()))
+    return float(np.mean(per_row)) if per_row else float("nan")
+
+
+def success_fraction(successes: Sequence[bool | None]) -> float:
+    """Fraction of rows whose trajectory was a task success (the env's flag, not a positive
+    reward). Unknown flags (None: rows stored before the buffer kept the flag) are left out;
+    NaN when no flag is known (metric `replay/success_frac`)."""
+    known = [bool(s) for s in successes if s is not None]
+    return sum(known) / len(known) if known else float("nan")
+
+
 __all__ = [
     "RECALIBRATIONS",
     "admission_keep",
     "baseline_advantages",
     "group_reward_stats",
+    "mean_row_advantage",
     "nonnegative_keep",
     "num_above_baseline",
     "percentile50",
@@ -277,5 +304,6 @@ __all__ = [
     "replay_triggered",
     "sample_subset",
     "stale_keep",
+    "success_fraction",
     "weighted_advantages",
 ]

@@ -378,6 +378,7 @@ def test_zero_loss_weight_changes_nothing(learners):
     before = group.full_state_dict()
     metrics = group.update(batch=make_batch(seed=9), step=2, phase="replay", loss_weight=0.0)
     assert metrics["optimizer_steps"] == 0 and metrics["micro_batches"] == 0
+    assert metrics["logp_change"] == 0.0
     assert_same_state(group.full_state_dict(), before)
 
 
@@ -441,6 +442,25 @@ def test_checkpoint_round_trip(learners, tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "policy")).pad_token == "<pad>"
 
 
+def test_a_replay_of_positive_advantage_rows_raises_their_log_prob(learners):
+    """replay/logp_change: the SIL loss with A_hat > 0 raises the replayed rows' log-probs, and
+    the number reduced over the 2 ranks is the token-weighted mean over all rows (what the
+    driver measures with log-probs before and after)."""
+    group, _, _ = learners
+    replay = group.recompute_old_logprobs(make_batch(seed=13))  # logp_old as the buffer stores
+    replay.advantages = replay.advantages.abs()  # recalibrated advantages A_hat > 0
+    before = group.compute_logprobs(batch=replay)
+    metrics = group.update(batch=replay, step=7, phase="replay", loss_weight=1.0)
+    after = group.compute_logprobs(batch=replay)
+    assert metrics["optimizer_steps"] == PPO_EPOCHS * MINI_BATCHES and metrics["lr"] > 0
+    mask = replay.loss_mask.bool()
+    expected = (after[mask].double() - before[mask].double()).mean().item()
+    assert metrics["logp_change"] > 1e-3
+    assert metrics["logp_change"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    on_policy = group.update(batch=replay, step=7, phase="on_policy")
+    assert "logp_change" not in on_policy
+
+
 def test_a_replayed_row_weighs_what_an_on_policy_row_weighs(learners, model_dir):
     """A replay batch of 4 rows is one optimizer step whose loss divides by the on-policy
     mini-batch size M = 8, not by its own rows (docs/algorithm.md §5): the reported loss is the
@@ -454,6 +474,7 @@ def test_a_replayed_row_weighs_what_an_on_policy_row_weighs(learners, model_dir)
     step = config.run.total_steps + 5
     metrics = group.update(batch=replay, step=step, phase="replay", loss_weight=1.0)
     assert metrics["lr"] == 0.0 and metrics["optimizer_steps"] == PPO_EPOCHS  # 1 mini-batch
+    assert metrics["logp_change"] == pytest.approx(0.0, abs=1e-7)  # lr 0: nothing moved
     pl = config.algo.policy_loss
     mask = replay.loss_mask.bool()
     with torch.no_grad():

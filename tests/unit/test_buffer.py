@@ -164,6 +164,7 @@ def scripted_step(rng: np.random.Generator, step: int, groups=3, per_group=4):
                 behaviour_logprobs=(-rng.random(len(mask)) * np.array(mask)).tolist(),
                 rewards=RewardParts(task=float(task[k]), tool_bonus=rewards[k] - float(task[k])),
                 tool_calls=int(calls[k]),
+                success=bool(task[k] > 0),
                 weight_version=step - 1,
             )
             entries.append(entry_of(traj, np.array(adv), step=step))
@@ -191,7 +192,7 @@ def assert_same_entries(got, want):
         for name in ("token_ids", "loss_mask", "behaviour_logprobs", "advantages"):
             x, y = getattr(a, name), getattr(b, name)
             assert x.dtype == y.dtype and np.array_equal(x, y), name
-        for name in ("reward", "tool_calls", "group_id", "step", "weight_version"):
+        for name in ("reward", "tool_calls", "group_id", "step", "weight_version", "success"):
             assert getattr(a, name) == getattr(b, name), name
         assert (a.prompt_length, a.task_id) == (b.prompt_length, b.task_id)
 
@@ -574,6 +575,37 @@ def test_save_load_round_trip(tmp_path):
                 assert np.array_equal(u, v)
 
 
+def test_the_success_flag_survives_a_checkpoint_and_old_checkpoints_read_as_unknown(tmp_path):
+    """ReplayEntry.success (True, False or unknown) goes through save/load, drawn replay rows
+    included; a checkpoint written before the flag was kept loads with every flag unknown."""
+    config = cfg(size=4, trigger_factor=0.1, checkpoint_every_steps=5)
+    buf = ReplayBuffer(config, checkpoint_dir=tmp_path, seed=4)
+    flags = [True, False, None, True, False, True, None]
+    rows = [
+        dataclasses.replace(positive(f"r{i}", 1.0), success=flag) for i, flag in enumerate(flags)
+    ]
+    buf.end_step(step=1, entries=rows[:5], group_means=[0.0], group_stds=[1.0])
+    path = buf.save(tmp_path / "b.npz")
+    twin = ReplayBuffer(config)
+    twin.load(path)
+    assert [e.success for e in twin.entries()] == flags[:5]
+    # a replay that fired is saved with its rows (for a retried replay_batch): flags included
+    buf.end_step(step=2, entries=rows[5:], group_means=[0.0], group_stds=[1.0])
+    drawn = buf.replay_batch(step=3)
+    assert len(drawn) == 4
+    restarted = ReplayBuffer(config, checkpoint_dir=tmp_path)
+    assert [e.success for e in restarted.replay_batch(step=3)] == [e.success for e in drawn]
+
+    with np.load(path) as data:  # the same checkpoint as an older version wrote it
+        old = {key: data[key] for key in data.files if not key.endswith(".success")}
+    assert len(old) < len(np.load(path).files)
+    np.savez(tmp_path / "old.npz", **old)
+    legacy = ReplayBuffer(config)
+    legacy.load(tmp_path / "old.npz")
+    assert ids(legacy.entries()) == ids(twin.entries())
+    assert all(e.success is None for e in legacy.entries())
+
+
 def test_empty_buffer_round_trip(tmp_path):
     buf = ReplayBuffer(cfg())
     twin = ReplayBuffer(cfg())
@@ -709,6 +741,8 @@ def test_entry_from_trajectory():
     assert e.behaviour_logprobs.dtype == e.advantages.dtype == np.float32
     assert e.advantages.tolist() == [0, 0, 0.5, 0, 0.5]
     assert e.reward == pytest.approx(1.1) and e.step == 3 and e.weight_version == 4
+    assert e.success is False
+    assert entry_of(dataclasses.replace(traj, success=True), 0.5, step=3).success is True
     per_token = entry_of(traj, torch.arange(5.0), step=3)
     assert per_token.advantages.tolist() == [0, 0, 2, 0, 4]
     for dropped in (

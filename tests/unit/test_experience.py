@@ -276,6 +276,77 @@ def test_a_step_without_one_valid_row_skips_the_update_and_counts_it(trajectorie
     assert synced == [("weights", 1)]  # the step still completes: weights go out as usual
 
 
+class _ReplayLearners(_FakeLearners):
+    """The learners' replay update reports what it did to the rows' log-probs."""
+
+    def update(self, *, batch, step, phase, loss_weight=1.0, own_logp_old=False):
+        metrics = super().update(batch=batch, step=step, phase=phase, loss_weight=loss_weight)
+        return {**metrics, "logp_change": 0.125} if phase == "replay" else metrics
+
+
+def _replayed(name, a_hat, success):
+    """A row as ReplayBuffer.replay_batch returns it (recalibrated advantage a_hat)."""
+    import numpy as np
+
+    from buffers.replay_buffer import ReplayEntry
+
+    mask = [0, 0, 1, 1, 1]
+    return ReplayEntry(
+        token_ids=np.arange(5) + 3,
+        loss_mask=mask,
+        behaviour_logprobs=[-0.5 * m for m in mask],
+        advantages=[0.2 * m for m in mask],
+        reward=1.0,
+        tool_calls=1,
+        group_id=0,
+        step=1,
+        weight_version=1,
+        prompt_length=2,
+        task_id=name,
+        success=success,
+        replay_advantages=[a_hat * m for m in mask],
+    )
+
+
+def test_a_replay_step_logs_what_it_replayed_and_a_step_without_replay_does_not():
+    """Controller.step on fakes: a step whose replay update ran has replay/rows,
+    replay/success_frac, replay/mean_advantage and replay/logp_change; the next, without a
+    replay, has none of them."""
+    from types import SimpleNamespace
+
+    from spear_ray.controller import Controller
+    from spear_ray.faults import NonFiniteGuard
+
+    config = SpearConfig.model_validate({"env": {"name": "frozenlake"}, "run": {"total_steps": 1}})
+    learners = _ReplayLearners()
+    ctl = Controller.__new__(Controller)  # the real step on fake actor groups and buffer
+    ctl.config, ctl.recipe, ctl.pad_token_id = config, Recipe.from_config(config), 0
+    ctl.buffer, ctl.learners, ctl.guard, ctl.weight_version = None, learners, NonFiniteGuard(3), 0
+    ctl.log = print
+    ctl.rollouts = SimpleNamespace(sync_weights=lambda group, v, **_: None)
+    replays = [
+        [_replayed("a", 2.0, True), _replayed("b", 1.0, False), _replayed("c", 0.5, None)],
+        None,  # the buffer's trigger did not fire
+    ]
+    ctl._replay_rows = lambda t: replays[t - 5]
+    ctl._end_buffer_step = lambda t, exp, batch: {}
+    keys = {"replay/rows", "replay/success_frac", "replay/mean_advantage", "replay/logp_change"}
+    rows = []
+    for t in (5, 6):
+        trajectories = [_traj(0, 0.0), _traj(0, 1.0)]
+        ctl._pending = SimpleNamespace(
+            all=lambda trajs=trajectories: trajs, counts={}, wall_seconds=1.0
+        )
+        rows.append(ctl.step(t))
+    with_replay, without = rows
+    assert learners.calls.count("update:replay:3") == 1
+    assert with_replay["replay/rows"] == 3 == with_replay["spear/replay_rows"]
+    assert with_replay["replay/success_frac"] == 0.5  # the unknown flag is left out
+    assert with_replay["replay/mean_advantage"] == pytest.approx((2.0 + 1.0 + 0.5) / 3)
+    assert with_replay["replay/logp_change"] == 0.125
+    assert not keys & set(without) and without["spear/replay_rows"] == 0
+
+
 def test_evaluation_with_only_infrastructure_failures_measures_nothing():
     """All-failed evaluations are NaN (logged as null), never a success rate of 0."""
     import math
