@@ -8,7 +8,8 @@ seeded by the episode seed, so a seed and an action sequence always give the sam
 
 Symbols: _ frozen, O hole, G goal, P you, X you in a hole, √ you on the goal.
 Actions: Up, Down, Left, Right (case-insensitive; U/D/L/R also accepted). Walking off the edge
-is a valid move that changes nothing. Reward: `goal_reward` on reaching the goal, else 0;
+is a valid move that changes nothing (it pays `edge_penalty`, default 0). Reward: `goal_reward`
+on reaching the goal, else 0;
 falling into a hole ends the episode without success.
 """
 
@@ -56,6 +57,12 @@ class FrozenLakeOptions(TurnOptions):
     )
     slip_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="Chance a move goes sideways (gymnasium slippery = 2/3)."
+    )
+    edge_penalty: float = Field(
+        0.0,
+        description="Reward added when a move runs into the edge and changes nothing (e.g. -1: "
+        "a wasted turn costs something; without it RL at temperature 1 learns edge bumps as a "
+        "safe way not to fall, and the greedy policy then loops until the turn limit).",
     )
     goal_reward: float = Field(
         10.0,
@@ -176,6 +183,7 @@ class FrozenLakeEnv(StopAtActionTag):
         self.turns += 1
         action = extract_action(action_text, o.action_tag, o.action_fallback)
         move = parse_grid_move(action)
+        bumped = False
         if move is not None:
             if o.slip_prob > 0 and self._rng.random() < o.slip_prob:
                 move = self._rng.choice(_SIDEWAYS[move])
@@ -183,6 +191,8 @@ class FrozenLakeEnv(StopAtActionTag):
             r, c = self.player[0] + dr, self.player[1] + dc
             if 0 <= r < o.size and 0 <= c < o.size:
                 self.player = (r, c)
+            else:
+                bumped = True
         success = self.player == self.goal
         fell = self.player in self.holes
         truncated = not (success or fell) and self.turns >= o.max_turns
@@ -203,9 +213,10 @@ class FrozenLakeEnv(StopAtActionTag):
             # episode_lengths, invalid steps too; each of those also pays the -0.1 penalty)
             anchor=grid,
             truncated=truncated,
-            extra={"turn": self.turns, "action": action, "fell": fell},
+            extra={"turn": self.turns, "action": action, "fell": fell, "bumped": bumped},
         )
-        return StepResult(obs, o.goal_reward if success else 0.0, self.done, info)
+        reward = (o.goal_reward if success else 0.0) + (o.edge_penalty if bumped else 0.0)
+        return StepResult(obs, reward, self.done, info)
 
     def close(self) -> None:
         self.done = True

@@ -135,6 +135,23 @@ def test_frozenlake_hole_ends_without_success():
     pytest.fail("no map with a hole next to the start")
 
 
+def test_frozenlake_edge_penalty_charges_only_moves_into_the_edge():
+    opts = {"edge_penalty": -1.0, "fixed_corners": True, "hole_prob": 0.0, "max_turns": 8}
+    env = make_env("frozenlake", opts)
+    env.reset(0)  # start top-left, no holes: up and left run into the edge
+    for move in ("up", "left"):
+        result = env.step(_act(move))
+        assert result.reward == -1.0 and result.info.extra["bumped"] and not result.done
+        assert env.player == (0, 0)
+    result = env.step(_act("right"))  # a move that goes somewhere costs nothing
+    assert result.reward == 0.0 and not result.info.extra["bumped"]
+    result = env.step("<action>sideways</action>")  # invalid: not a bump, the env's own penalty
+    assert result.reward == 0.0 and not result.info.extra["bumped"]
+    plain = make_env("frozenlake", {**opts, "edge_penalty": 0.0})
+    plain.reset(0)
+    assert plain.step(_act("up")).reward == 0.0  # the default keeps the old rewards
+
+
 def test_frozenlake_invalid_and_truncation():
     env = make_env("frozenlake", {"max_turns": 2})
     first = env.reset(0)
