@@ -58,6 +58,12 @@ class FrozenLakeOptions(TurnOptions):
     slip_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="Chance a move goes sideways (gymnasium slippery = 2/3)."
     )
+    describe_cells: bool = Field(
+        False,
+        description="Follow every grid with a line naming your cell, the goal's and what lies "
+        "next to you (`P1,2 G3,3 up:O down:_ left:_ right:edge`): the map read out, so a small "
+        "model need not count characters inside its tokens to know where it is.",
+    )
     edge_penalty: float = Field(
         0.0,
         description="Reward added when a move runs into the edge and changes nothing (e.g. -1: "
@@ -154,6 +160,26 @@ class FrozenLakeEnv(StopAtActionTag):
             rows.append("".join(row))
         return "\n".join(rows)
 
+    def describe(self) -> str:
+        """`P<r>,<c> G<r>,<c> up:<x> down:<x> left:<x> right:<x>`, x the neighbour's symbol or
+        `edge`."""
+        n = self.options.size
+        near = []
+        for move, (dr, dc) in GRID_MOVES.items():
+            q = (self.player[0] + dr, self.player[1] + dc)
+            if not (0 <= q[0] < n and 0 <= q[1] < n):
+                what = "edge"
+            else:
+                what = "O" if q in self.holes else ("G" if q == self.goal else "_")
+            near.append(f"{move}:{what}")
+        p, g = self.player, self.goal
+        return f"P{p[0]},{p[1]} G{g[0]},{g[1]} " + " ".join(near)
+
+    def view(self) -> str:
+        """The grid, and with describe_cells its read-out line."""
+        grid = self.render()
+        return f"{grid}\n{self.describe()}" if self.options.describe_cells else grid
+
     def instructions(self) -> str:
         o = self.options
         slip = " The ice is slippery: a move may go sideways." if o.slip_prob > 0 else ""
@@ -173,7 +199,7 @@ class FrozenLakeEnv(StopAtActionTag):
         self.turns = 0
         self.done = False
         self._rng = random.Random(f"frozenlake-slip:{seed}")
-        grid = self.render()
+        grid = self.view()
         return f"{self.instructions()}\n\n{grid}" if o.include_instructions else grid
 
     def step(self, action_text: str) -> StepResult:
@@ -197,7 +223,7 @@ class FrozenLakeEnv(StopAtActionTag):
         fell = self.player in self.holes
         truncated = not (success or fell) and self.turns >= o.max_turns
         self.done = success or fell or truncated
-        grid = self.render()
+        grid = self.view()
         obs = grid
         if move is None:
             obs = (
@@ -211,7 +237,7 @@ class FrozenLakeEnv(StopAtActionTag):
             invalid_action=move is None,
             tool_call=True,  # agent envs: every env step counts toward r_tc (the reference counts
             # episode_lengths, invalid steps too; each of those also pays the -0.1 penalty)
-            anchor=grid,
+            anchor=self.render(),
             truncated=truncated,
             extra={"turn": self.turns, "action": action, "fell": fell, "bumped": bumped},
         )

@@ -152,6 +152,25 @@ def test_frozenlake_edge_penalty_charges_only_moves_into_the_edge():
     assert plain.step(_act("up")).reward == 0.0  # the default keeps the old rewards
 
 
+def test_frozenlake_describe_cells_reads_the_map_out():
+    env = make_env("frozenlake", {"describe_cells": True, "include_instructions": False})
+    first = env.reset(3)
+    grid, line = first.rsplit("\n", 1)
+    assert grid == env.render()
+    r, c = env.player
+    assert line.startswith(f"P{r},{c} G{env.goal[0]},{env.goal[1]} ")
+    for part in line.split()[2:]:  # every neighbour named with what the grid shows there
+        move, what = part.split(":")
+        dr, dc = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}[move]
+        q = (r + dr, c + dc)
+        inside = 0 <= q[0] < env.options.size and 0 <= q[1] < env.options.size
+        assert what == (grid.splitlines()[q[0]][q[1]] if inside else "edge")
+    result = env.step(_act("up"))
+    assert result.observation.endswith(env.describe()) and result.info.anchor == env.render()
+    plain = make_env("frozenlake", {"include_instructions": False})
+    assert plain.reset(3) == plain.render()  # off by default: the grid alone
+
+
 def test_frozenlake_invalid_and_truncation():
     env = make_env("frozenlake", {"max_turns": 2})
     first = env.reset(0)
