@@ -146,12 +146,6 @@ BUILTINS: dict[str, BuiltinSpec] = {
         "hidden 128 x 4 layers, SFT on noisy frozenlake demonstrations; the CPU demo's model",
         sft=SFTRecipe("frozenlake", {"max_turns": 8}, **_GRID_RECIPE),
     ),
-    "tiny-llama-described": BuiltinSpec(
-        "mini",
-        "hidden 128 x 4 layers, SFT on noisy frozenlake demonstrations whose observations read the "
-        "map out (env option describe_cells)",
-        sft=SFTRecipe("frozenlake", {"max_turns": 8, "describe_cells": True}, **_GRID_RECIPE),
-    ),
     "tiny-llama-sokoban": BuiltinSpec(
         "mini",
         "hidden 128 x 4 layers, SFT on noisy sokoban demonstrations",
