@@ -10,6 +10,7 @@ from spear_ray.config import SpearConfig
 from spear_ray.containers import RewardParts, Trajectory
 from spear_ray.experience import StepExperience, process_step
 from spear_ray.recipe import Recipe
+from tests.unit.test_replay_metrics import replayed_entry
 
 
 def _traj(
@@ -284,30 +285,6 @@ class _ReplayLearners(_FakeLearners):
         return {**metrics, "logp_change": 0.125} if phase == "replay" else metrics
 
 
-def _replayed(name, a_hat, success):
-    """A row as ReplayBuffer.replay_batch returns it (recalibrated advantage a_hat)."""
-    import numpy as np
-
-    from buffers.replay_buffer import ReplayEntry
-
-    mask = [0, 0, 1, 1, 1]
-    return ReplayEntry(
-        token_ids=np.arange(5) + 3,
-        loss_mask=mask,
-        behaviour_logprobs=[-0.5 * m for m in mask],
-        advantages=[0.2 * m for m in mask],
-        reward=1.0,
-        tool_calls=1,
-        group_id=0,
-        step=1,
-        weight_version=1,
-        prompt_length=2,
-        task_id=name,
-        success=success,
-        replay_advantages=[a_hat * m for m in mask],
-    )
-
-
 def test_a_replay_step_logs_what_it_replayed_and_a_step_without_replay_does_not():
     """Controller.step on fakes: a step whose replay update ran has replay/rows,
     replay/success_frac, replay/mean_advantage and replay/logp_change; the next, without a
@@ -325,7 +302,10 @@ def test_a_replay_step_logs_what_it_replayed_and_a_step_without_replay_does_not(
     ctl.log = print
     ctl.rollouts = SimpleNamespace(sync_weights=lambda group, v, **_: None)
     replays = [
-        [_replayed("a", 2.0, True), _replayed("b", 1.0, False), _replayed("c", 0.5, None)],
+        [
+            replayed_entry(n, a, ok, tokens=3)
+            for n, a, ok in [("a", 2.0, True), ("b", 1.0, False), ("c", 0.5, None)]
+        ],
         None,  # the buffer's trigger did not fire
     ]
     ctl._replay_rows = lambda t: replays[t - 5]

@@ -688,18 +688,19 @@ def _fake_train(calls: list):
     return train
 
 
+def _train_outside_the_runner(run, root, steps):
+    """Train `run` to its end with the fake, not through the runner: no FINISHED marker."""
+    config = run.config(root, steps)
+    _fake_train([])(config, run=RunDir.create(config), resume=False, log=lambda line: None)
+
+
 def test_run_experiment_skips_resumes_restarts_and_summarises(tmp_path):
     spec = parse_spec(_spec_dict(steps=4))
     root = tmp_path / "exp"
     runs = {r.label: r for r in spec.runs()}
     # seed0 grpo finished, seed0 drbot_spear stopped after step 1, seed1 grpo died early
     done = runs["frozenlake/grpo/seed0"]
-    _fake_train([])(
-        done.config(root, 4),
-        run=RunDir.create(done.config(root, 4)),
-        resume=False,
-        log=lambda line: None,
-    )
+    _train_outside_the_runner(done, root, 4)
     partial = runs["frozenlake/drbot_spear/seed0"]
     _fake_run(partial.config(root, 4), steps_done=3, checkpoints=[0, 1])
     early = runs["frozenlake/grpo/seed1"]
@@ -980,12 +981,7 @@ def test_a_failed_commit_is_one_line_and_the_next_start_commits_the_run(tmp_path
     runs = {r.label: r for r in spec.runs()}
     # finished before the marker existed (final checkpoint only) and never committed
     done = runs["frozenlake/grpo/seed0"]
-    _fake_train([])(
-        done.config(root, 2),
-        run=RunDir.create(done.config(root, 2)),
-        resume=False,
-        log=lambda line: None,
-    )
+    _train_outside_the_runner(done, root, 2)
     assert not (done.path(root) / "FINISHED").exists()
 
     lock = repo / ".git" / "index.lock"  # another git process, as far as git can tell
