@@ -111,6 +111,19 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", FINISHED_MARKER)  # all a finished 
 GIT_TIMEOUT_S = 120
 
 
+def _run_git(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    """`git -C directory ARGS`, output captured. No stdin (git never waits for a prompt) and a
+    time limit (a hung git, e.g. a signing agent, is a failed commit, not a stopped grid)."""
+    return subprocess.run(
+        ["git", "-C", str(directory), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=GIT_TIMEOUT_S,
+    )
+
+
 def git_work_tree(path: str | Path) -> Path | None:
     """The top of the git work tree that holds `path` (or, if it does not exist yet, its nearest
     existing parent); None when there is none (or no git)."""
@@ -118,14 +131,7 @@ def git_work_tree(path: str | Path) -> Path | None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
-        out = subprocess.run(
-            ["git", "-C", str(probe), "rev-parse", "--show-toplevel"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=GIT_TIMEOUT_S,
-        )
+        out = _run_git(probe, "rev-parse", "--show-toplevel")
     except (OSError, subprocess.SubprocessError):
         return None
     top = out.stdout.strip()
@@ -154,23 +160,16 @@ class GitRecorder:
         return cls(repo, experiment, log)
 
     def _git(self, *args: str) -> subprocess.CompletedProcess:
-        # no stdin (git never waits for a prompt) and a time limit (a hung git, e.g. a signing
-        # agent, is a failed commit, not a stopped grid)
-        return subprocess.run(
-            ["git", "-C", str(self.repo), *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=GIT_TIMEOUT_S,
-        )
+        return _run_git(self.repo, *args)
 
     def _relative(self, paths: list[Path]) -> list[str]:
         return [str(Path(p).resolve().relative_to(self.repo)) for p in paths if Path(p).is_file()]
 
     def pending(self, paths: list[Path]) -> bool:
         """Some of `paths` is untracked (ignored or not) or differs from HEAD or the index."""
-        rel = self._relative(paths)
+        return self._pending(self._relative(paths))
+
+    def _pending(self, rel: list[str]) -> bool:
         if not rel:
             return False
         out = self._git(
@@ -182,7 +181,7 @@ class GitRecorder:
         """Force-add `paths` and commit only them; False (and one logged line) if git refused."""
         try:
             rel = self._relative(paths)
-            if not rel or not self.pending(paths):
+            if not self._pending(rel):
                 return True
             for args in (
                 ("add", "--force", "--", *rel),

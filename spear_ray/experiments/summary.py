@@ -107,11 +107,10 @@ def paired_differences(
         if v is not None and s in base
     ]
     diffs = [d for _, d in pairs]
-    n = len(diffs)
-    mean = sum(diffs) / n if n else None
-    std = t_value = half = ci = None
+    spread = stats(diffs)
+    n, mean, std = spread["n"], spread["mean"], spread["std"]
+    t_value = half = ci = None
     if n >= 2:
-        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
         t_value = t_quantile_975(n - 1)
         half = t_value * std / math.sqrt(n)
         ci = [mean - half, mean + half]
@@ -149,9 +148,7 @@ def eval_points(curves: Sequence[RunCurves]) -> list[dict[str, Any]]:
 
 def train_success_second_half(curves: RunCurves, total_steps: int) -> float | None:
     """Mean training success over the steps >= total_steps / 2."""
-    steps, values = curves.series("success_rate")
-    tail = values[steps >= total_steps / 2]
-    return float(tail.mean()) if len(tail) else None
+    return _train_success_from(curves, total_steps / 2)
 
 
 def common_start(
@@ -185,9 +182,13 @@ def final_eval_success(curves: RunCurves, total_steps: int) -> float | None:
 
 def final_train_success(curves: RunCurves, total_steps: int) -> float | None:
     """Mean training success over the last 10% of steps."""
-    first = total_steps - smoothing_window(total_steps)
+    return _train_success_from(curves, total_steps - smoothing_window(total_steps))
+
+
+def _train_success_from(curves: RunCurves, first_step: float) -> float | None:
+    """Mean training success over the steps >= first_step (None without such steps)."""
     steps, values = curves.series("success_rate")
-    tail = values[steps >= first]
+    tail = values[steps >= first_step]
     return float(tail.mean()) if len(tail) else None
 
 
