@@ -141,24 +141,15 @@ class FrozenLakeEnv(StopAtActionTag):
         self.done = True
         self._rng = random.Random(0)
 
+    def cell(self, p: Pos) -> str:
+        """The symbol the grid shows at cell p (module docstring)."""
+        if p == self.player:
+            return "X" if p in self.holes else ("√" if p == self.goal else "P")
+        return "O" if p in self.holes else ("G" if p == self.goal else "_")
+
     def render(self) -> str:
         n = self.options.size
-        rows = []
-        for r in range(n):
-            row = []
-            for c in range(n):
-                p = (r, c)
-                if p == self.player:
-                    ch = "X" if p in self.holes else ("√" if p == self.goal else "P")
-                elif p in self.holes:
-                    ch = "O"
-                elif p == self.goal:
-                    ch = "G"
-                else:
-                    ch = "_"
-                row.append(ch)
-            rows.append("".join(row))
-        return "\n".join(rows)
+        return "\n".join("".join(self.cell((r, c)) for c in range(n)) for r in range(n))
 
     def describe(self) -> str:
         """`P<r>,<c> G<r>,<c> up:<x> down:<x> left:<x> right:<x>`, x the neighbour's symbol or
@@ -167,11 +158,8 @@ class FrozenLakeEnv(StopAtActionTag):
         near = []
         for move, (dr, dc) in GRID_MOVES.items():
             q = (self.player[0] + dr, self.player[1] + dc)
-            if not (0 <= q[0] < n and 0 <= q[1] < n):
-                what = "edge"
-            else:
-                what = "O" if q in self.holes else ("G" if q == self.goal else "_")
-            near.append(f"{move}:{what}")
+            inside = 0 <= q[0] < n and 0 <= q[1] < n
+            near.append(f"{move}:{self.cell(q) if inside else 'edge'}")
         p, g = self.player, self.goal
         return f"P{p[0]},{p[1]} G{g[0]},{g[1]} " + " ".join(near)
 
