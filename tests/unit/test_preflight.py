@@ -411,7 +411,8 @@ def test_resume_of_a_run_without_a_complete_checkpoint(runs, capsys, started):
     before = _snapshot(runs)
     line = _refused(["--resume", str(run.path)], capsys, started)
     assert line.startswith(f"--resume {run.path}: no complete checkpoint to resume from (")
-    assert f"step_000009: no {COMPLETE} marker" in line and "checkpoint.every_steps=10" in line
+    every = load_config("demo").checkpoint.every_steps
+    assert f"step_000009: no {COMPLETE} marker" in line and f"checkpoint.every_steps={every}" in line
     assert _snapshot(runs) == before
 
 
